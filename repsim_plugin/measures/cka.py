@@ -1,0 +1,234 @@
+"""Centered Kernel Alignment: linear, RBF and any kernel of ``kernels.KERNELS``, biased and debiased.
+
+References: Kornblith et al. 2019 (CKA), Gretton et al. 2005 (biased HSIC), Song et al. 2012 (unbiased HSIC),
+Murphy et al. 2024 (bias of CKA at small n).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+
+from ..errors import RepsimError, SmallSampleBiasWarning, UnknownNameError
+from .kernels import (
+    BANDWIDTH_RULES,
+    DEFAULT_BANDWIDTH,
+    KERNEL_PARAMS,
+    KERNELS,
+    center_columns,
+    center_gram,
+    cka_from_hsic,
+    hsic_unbiased,
+    linear_hsic_unbiased_features,
+)
+from .registry import Measure, Spec, register_family
+
+HSIC_ESTIMATORS = {"gretton": "biased (Gretton et al. 2005)", "song": "unbiased (Song et al. 2012)"}
+#: Biased linear CKA of independent data is about sqrt(pq / ((n+p)(n+q))); above this we warn.
+NULL_BIAS_WARNING = 0.1
+
+
+def choose_space(n: int, p: int, q: int) -> str:
+    """Pick the cheaper exact form of linear CKA: ``"feature"`` (O(n(pq + p^2 + q^2))) or ``"sample"`` (O(n^2(p+q)))."""
+    feature_cost = n * (p * q + p * p + q * q)
+    sample_cost = n * n * (p + q + 3)
+    return "feature" if feature_cost <= sample_cost else "sample"
+
+
+def expected_null_cka(n: int, p: int, q: int) -> float:
+    """Approximate biased linear CKA of independent Gaussian features: ``sqrt(pq / ((n+p)(n+q)))``."""
+    return math.sqrt(p * q / ((n + p) * (n + q)))
+
+
+def _warn_small_sample(n: int, p: int, q: int) -> None:
+    null = expected_null_cka(n, p, q)
+    if null > NULL_BIAS_WARNING:
+        warnings.warn(
+            f"biased linear CKA with n={n} samples and {p} / {q} features is inflated: independent random "
+            f"features of this shape already score about {null:.2f}. Report debiased CKA "
+            "(make('debiased_cka')) or use more samples.",
+            SmallSampleBiasWarning,
+            stacklevel=5,
+        )
+
+
+def linear_cka(X: torch.Tensor, Y: torch.Tensor, *, debiased: bool = False, space: str = "auto") -> torch.Tensor:
+    """Linear CKA of (n, p) and (n, q) tensors, exact, in feature space or sample space.
+
+    Both spaces give the same value; ``space="auto"`` picks the cheaper one by comparing n with p and q.
+    """
+    Xc, Yc = center_columns(X), center_columns(Y)
+    n, p = Xc.shape
+    q = Yc.shape[1]
+    if space == "auto":
+        space = choose_space(n, p, q)
+    if not debiased:
+        _warn_small_sample(n, p, q)
+    if space == "feature":
+        if debiased:
+            xy = linear_hsic_unbiased_features(Xc, Yc)
+            xx = linear_hsic_unbiased_features(Xc, Xc)
+            yy = linear_hsic_unbiased_features(Yc, Yc)
+        else:  # the (n-1)^2 normalisations cancel in the ratio
+            xy = (Yc.T @ Xc).square().sum()
+            xx = (Xc.T @ Xc).square().sum()
+            yy = (Yc.T @ Yc).square().sum()
+    elif space == "sample":
+        K, L = Xc @ Xc.T, Yc @ Yc.T  # already double-centered
+        if debiased:
+            xy, xx, yy = hsic_unbiased(K, L), hsic_unbiased(K, K), hsic_unbiased(L, L)
+        else:
+            xy, xx, yy = (K * L).sum(), (K * K).sum(), (L * L).sum()
+    else:
+        raise UnknownNameError(f"space must be 'auto', 'feature' or 'sample', got {space!r}.")
+    return cka_from_hsic(xy, xx, yy)
+
+
+def kernel_cka(
+    X: torch.Tensor, Y: torch.Tensor, *, kernel: str = "rbf", debiased: bool = False, **kernel_params: Any
+) -> torch.Tensor:
+    """CKA with a kernel of ``kernels.KERNELS`` (Gram-matrix form, O(n^2) memory)."""
+    gram = KERNELS[kernel]
+    K, L = gram(X, **kernel_params), gram(Y, **kernel_params)
+    if debiased:
+        return cka_from_hsic(hsic_unbiased(K, L), hsic_unbiased(K, K), hsic_unbiased(L, L))
+    Kc, Lc = center_gram(K), center_gram(L)
+    return cka_from_hsic((Kc * Lc).sum(), (Kc * Kc).sum(), (Lc * Lc).sum())
+
+
+# --- registration ----------------------------------------------------------------------------------------------------
+
+_REFERENCES = {
+    "gretton": "Kornblith et al. 2019, Similarity of Neural Network Representations Revisited (ICML)",
+    "song": "Song et al. 2012 (unbiased HSIC); Kornblith et al. 2019; Murphy et al. 2024",
+}
+
+
+def _as_float(name: str, value: Any) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise RepsimError(f"{name} must be a number, got {value!r}.") from None
+    if not math.isfinite(out) or out <= 0:
+        raise RepsimError(f"{name} must be a positive finite number, got {value!r}.")
+    return out
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value in ("true", "false"):
+        return value == "true"
+    raise RepsimError(f"{name} must be True or False, got {value!r}.")
+
+
+def _kernel_from_params(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Resolve ``kernel`` (a name or a parsed ``(name-k=v)`` spec) plus flat overrides like ``sigma=``."""
+    kernel = params.pop("kernel", "linear")
+    if isinstance(kernel, Spec):
+        name, kparams = kernel.name, dict(kernel.params)
+    else:
+        name, kparams = str(kernel), {}
+    if name not in KERNELS:
+        raise UnknownNameError(f"unknown kernel {name!r}; choose one of {sorted(KERNELS)}.")
+    accepted = KERNEL_PARAMS.get(name, {})
+    for key in list(params):
+        if key in accepted:
+            kparams[key] = params.pop(key)
+    unknown = set(kparams) - set(accepted)
+    if unknown:
+        raise RepsimError(
+            f"kernel {name!r} takes no parameter(s) {sorted(unknown)}"
+            + (f"; it accepts {sorted(accepted)}." if accepted else ".")
+            + (" Pass kernel='rbf' to use sigma." if "sigma" in unknown else "")
+        )
+    full = {**accepted, **kparams}
+    if name == "rbf":
+        full["sigma"] = _as_float("sigma", full["sigma"])
+        if full["bandwidth"] not in BANDWIDTH_RULES:
+            raise UnknownNameError(
+                f"unknown RBF bandwidth rule {full['bandwidth']!r}; choose one of {sorted(BANDWIDTH_RULES)}."
+            )
+    return name, full
+
+
+def _kernel_spec(name: str, kparams: dict[str, Any]) -> str | Spec:
+    if name == "linear":
+        return "linear"
+    items = [(k, v) for k, v in kparams.items() if not (k == "bandwidth" and v == DEFAULT_BANDWIDTH)]
+    return Spec(name, tuple(items))
+
+
+def build_cka(params: dict[str, Any]) -> Measure:
+    """Family builder for ``cka-kernel=...-hsic=...-score``."""
+    params = dict(params)
+    name, kparams = _kernel_from_params(params)
+    hsic = params.pop("hsic", None)
+    debiased = params.pop("debiased", None)
+    if debiased is not None:
+        wanted = "song" if _as_bool("debiased", debiased) else "gretton"
+        if hsic is not None and hsic != wanted:
+            raise RepsimError(f"hsic={hsic!r} contradicts debiased={debiased!r}; give one of them.")
+        hsic = wanted
+    hsic = hsic or "gretton"
+    if hsic not in HSIC_ESTIMATORS:
+        raise UnknownNameError(f"unknown HSIC estimator {hsic!r}; choose one of {sorted(HSIC_ESTIMATORS)}.")
+    if params:
+        raise RepsimError(
+            f"cka takes no parameter(s) {sorted(params)}; it accepts kernel, hsic / debiased and the kernel's "
+            f"parameters ({ {k: sorted(v) for k, v in KERNEL_PARAMS.items()} })."
+        )
+    is_debiased = hsic == "song"
+    if name == "linear":
+
+        def fn(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+            return linear_cka(X, Y, debiased=is_debiased)
+
+    else:
+
+        def fn(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+            return kernel_cka(X, Y, kernel=name, debiased=is_debiased, **kparams)
+
+    invariances = {"orthogonal", "isotropic_scaling", "translation", "permutation"}
+    if name == "rbf" and kparams["bandwidth"] == "fixed":
+        invariances.discard("isotropic_scaling")
+    kernel_label = name if name == "linear" else f"{name} {kparams}"
+    return Measure(
+        fn=fn,
+        spec=Spec("cka", (("kernel", _kernel_spec(name, kparams)), ("hsic", hsic)), "score"),
+        larger_is_more_similar=True,
+        symmetric=True,
+        invariances=frozenset(invariances),
+        differentiable=True,
+        streamable=name == "linear",
+        min_samples=4 if is_debiased else 2,
+        reference=_REFERENCES[hsic],
+        description=f"{'debiased' if is_debiased else 'biased'} CKA, {kernel_label} kernel",
+        value_range=(-1.0, 1.0) if is_debiased else (0.0, 1.0),
+        self_value=1.0,
+        params={"kernel": name, **kparams, "hsic": hsic},
+    )
+
+
+register_family(
+    "cka",
+    build_cka,
+    variants=[
+        {"kernel": "linear", "hsic": "gretton"},
+        {"kernel": "linear", "hsic": "song"},
+        {"kernel": "rbf", "sigma": 0.5, "hsic": "gretton"},
+        {"kernel": "rbf", "sigma": 0.5, "hsic": "song"},
+        {"kernel": "rbf", "sigma": 1.0, "hsic": "gretton"},
+    ],
+    aliases={
+        "cka": {"kernel": "linear", "hsic": "gretton"},
+        "linear_cka": {"kernel": "linear", "hsic": "gretton"},
+        "debiased_cka": {"kernel": "linear", "hsic": "song"},
+        "unbiased_cka": {"kernel": "linear", "hsic": "song"},
+        "rbf_cka": {"kernel": "rbf", "sigma": 0.5, "hsic": "gretton"},
+        "debiased_rbf_cka": {"kernel": "rbf", "sigma": 0.5, "hsic": "song"},
+    },
+)

@@ -1,0 +1,176 @@
+"""The shared numerical core: centering, Gram matrices and HSIC estimators.
+
+Every function takes already validated floating-point tensors (see ``repsim_plugin._validation``) and keeps
+autograd intact: no ``.item()``, no in-place updates of inputs. Centering always happens *before* any Gram
+matrix or cross-product is formed, so a large common offset (post-ReLU activations, ``X + 1e4``) cannot
+cancel away the signal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..errors import DegenerateInputError, TooFewSamplesError, UnknownNameError
+
+# --- centering ----------------------------------------------------------------------------------------------
+
+
+def center_columns(X: torch.Tensor) -> torch.Tensor:
+    """Subtract each feature's mean: ``H X`` with ``H = I - 11^T / n``."""
+    return X - X.mean(dim=0, keepdim=True)
+
+
+def center_gram(K: torch.Tensor) -> torch.Tensor:
+    """Double-center a Gram matrix: ``H K H``."""
+    return K - K.mean(dim=0, keepdim=True) - K.mean(dim=1, keepdim=True) + K.mean()
+
+
+# --- Gram matrices --------------------------------------------------------------------------------------------
+
+
+def linear_gram(X: torch.Tensor) -> torch.Tensor:
+    """Linear Gram matrix of the column-centered data, ``X~ X~^T`` (already double-centered)."""
+    Xc = center_columns(X)
+    return Xc @ Xc.T
+
+
+def squared_distances(X: torch.Tensor) -> torch.Tensor:
+    """Pairwise squared Euclidean distances, computed from centered data, with an exact zero diagonal.
+
+    ``||x_i||^2 + ||x_j||^2 - 2 x_i.x_j`` can come out a few ulps below zero for near-identical points; those
+    rounding residues are set to zero (the quantity is non-negative by definition, so this hides nothing).
+    """
+    Xc = center_columns(X)
+    norms = (Xc * Xc).sum(dim=1)
+    D = norms[:, None] + norms[None, :] - 2.0 * (Xc @ Xc.T)
+    eye = torch.eye(D.shape[0], dtype=torch.bool, device=D.device)
+    return torch.where(eye, torch.zeros((), dtype=D.dtype, device=D.device), D.clamp_min(0.0))
+
+
+def _median(values: torch.Tensor) -> torch.Tensor:
+    """Median with numpy's convention (mean of the two middle values for an even count); differentiable."""
+    flat = values.reshape(-1)
+    m = flat.numel()
+    upper = torch.kthvalue(flat, m // 2 + 1).values
+    if m % 2:
+        return upper
+    lower = torch.kthvalue(flat, m // 2).values
+    return (lower + upper) / 2
+
+
+def _off_diagonal(D: torch.Tensor) -> torch.Tensor:
+    i, j = torch.triu_indices(D.shape[0], D.shape[1], offset=1, device=D.device)
+    return D[i, j]
+
+
+#: How the RBF bandwidth is derived from the data. The first is Kornblith et al.'s reference code and the
+#: similarity-repository convention; its id carries no extra token. The others add ``bandwidth=<rule>``.
+BANDWIDTH_RULES: dict[str, str] = {
+    "median_sq_full": "sigma * sqrt(median of squared distances over the full n x n matrix, zeros included)",
+    "median_sq_offdiag": "sigma * sqrt(median of squared distances between distinct samples)",
+    "median_dist_offdiag": "sigma * median of distances (not squared) between distinct samples",
+    "fixed": "sigma is the bandwidth itself",
+}
+DEFAULT_BANDWIDTH = "median_sq_full"
+
+
+def rbf_bandwidth(D: torch.Tensor, sigma: float, rule: str = DEFAULT_BANDWIDTH) -> torch.Tensor:
+    """Squared bandwidth ``s^2`` of the RBF kernel ``exp(-d^2 / (2 s^2))`` from squared distances ``D``."""
+    if rule == "fixed":
+        return torch.as_tensor(float(sigma) ** 2, dtype=D.dtype, device=D.device)
+    if rule == "median_sq_full":
+        med_sq = _median(D)
+    elif rule == "median_sq_offdiag":
+        med_sq = _median(_off_diagonal(D))
+    elif rule == "median_dist_offdiag":
+        # sqrt has an infinite derivative at 0: only take it where distances are positive.
+        off = _off_diagonal(D)
+        safe = torch.where(off > 0, off, torch.ones_like(off))
+        med_sq = _median(torch.where(off > 0, safe.sqrt(), torch.zeros_like(off))) ** 2
+    else:
+        raise UnknownNameError(f"unknown RBF bandwidth rule {rule!r}; choose one of {sorted(BANDWIDTH_RULES)}.")
+    if not bool(med_sq > 0):
+        raise DegenerateInputError(
+            "the median pairwise distance is 0 (more than half of the samples coincide), so the RBF median "
+            "bandwidth is undefined. Remove duplicate samples, or pass bandwidth='fixed' with an explicit sigma."
+        )
+    return float(sigma) ** 2 * med_sq
+
+
+def rbf_gram(X: torch.Tensor, sigma: float = 0.5, bandwidth: str = DEFAULT_BANDWIDTH) -> torch.Tensor:
+    """RBF Gram matrix ``exp(-||x - x'||^2 / (2 s^2))`` with ``s`` from :func:`rbf_bandwidth`."""
+    D = squared_distances(X)
+    return torch.exp(-D / (2.0 * rbf_bandwidth(D, sigma, bandwidth)))
+
+
+#: Gram-matrix builders by kernel name: ``gram(X, **kernel_params) -> (n, n)``. Extend to add a kernel to
+#: kernel CKA; ``KERNEL_PARAMS`` lists the parameters each accepts with their defaults.
+KERNELS: dict[str, Callable[..., torch.Tensor]] = {"linear": linear_gram, "rbf": rbf_gram}
+KERNEL_PARAMS: dict[str, dict[str, object]] = {
+    "linear": {},
+    "rbf": {"sigma": 0.5, "bandwidth": DEFAULT_BANDWIDTH},
+}
+
+
+# --- HSIC estimators -------------------------------------------------------------------------------------------
+
+
+def hsic_biased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """Gretton et al. (2005): ``tr(K H L H) / (n - 1)^2``."""
+    n = K.shape[0]
+    return (center_gram(K) * L).sum() / (n - 1) ** 2
+
+
+def _zero_diagonal(K: torch.Tensor) -> torch.Tensor:
+    return K - torch.diag_embed(torch.diagonal(K))
+
+
+def hsic_unbiased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """Song et al. (2012), needs n >= 4; may be negative.
+
+    With zero-diagonal Grams K', L':
+    ``[tr(K'L') + (1^T K' 1)(1^T L' 1) / ((n-1)(n-2)) - 2/(n-2) 1^T K' L' 1] / (n (n-3))``.
+    """
+    n = K.shape[0]
+    if n < 4:
+        raise TooFewSamplesError(f"unbiased HSIC needs at least 4 samples, got {n}.")
+    Kp, Lp = _zero_diagonal(K), _zero_diagonal(L)
+    k_rows, l_rows = Kp.sum(dim=1), Lp.sum(dim=1)
+    trace = (Kp * Lp).sum()  # tr(K'L') since L' is symmetric
+    total = k_rows.sum() * l_rows.sum() / ((n - 1) * (n - 2))
+    cross = 2.0 / (n - 2) * (k_rows * l_rows).sum()
+    return (trace + total - cross) / (n * (n - 3))
+
+
+def linear_hsic_biased_features(Xc: torch.Tensor, Yc: torch.Tensor) -> torch.Tensor:
+    """Biased linear HSIC in feature space from centered data: ``||Y~^T X~||_F^2 / (n - 1)^2``."""
+    n = Xc.shape[0]
+    return (Yc.T @ Xc).square().sum() / (n - 1) ** 2
+
+
+def linear_hsic_unbiased_features(Xc: torch.Tensor, Yc: torch.Tensor) -> torch.Tensor:
+    """Unbiased linear HSIC in feature space from centered data (equal to :func:`hsic_unbiased` on linear Grams).
+
+    ``[||Y~^T X~||^2 - n/(n-2) r_x.r_y + s_x s_y / ((n-1)(n-2))] / (n (n-3))``, r the row squared norms,
+    s their sums. Exactly invariant to translating X, which is why centering first changes nothing.
+    """
+    n = Xc.shape[0]
+    if n < 4:
+        raise TooFewSamplesError(f"unbiased HSIC needs at least 4 samples, got {n}.")
+    rx, ry = (Xc * Xc).sum(dim=1), (Yc * Yc).sum(dim=1)
+    value = (Yc.T @ Xc).square().sum() - n / (n - 2) * (rx * ry).sum() + rx.sum() * ry.sum() / ((n - 1) * (n - 2))
+    return value / (n * (n - 3))
+
+
+def cka_from_hsic(hsic_xy: torch.Tensor, hsic_xx: torch.Tensor, hsic_yy: torch.Tensor) -> torch.Tensor:
+    """``HSIC(X, Y) / sqrt(HSIC(X, X) HSIC(Y, Y))``; a non-positive self-HSIC is an error, not a NaN."""
+    for value, name in ((hsic_xx, "X"), (hsic_yy, "Y")):
+        if not bool(value > 0):
+            raise DegenerateInputError(
+                f"HSIC({name}, {name}) = {float(value):.3g} is not positive, so CKA is undefined. With the "
+                "unbiased (debiased) estimator this happens at very small n or for a nearly constant "
+                f"representation: use more samples, or check that {name} varies across inputs."
+            )
+    return hsic_xy / torch.sqrt(hsic_xx * hsic_yy)

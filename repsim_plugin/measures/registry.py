@@ -1,0 +1,430 @@
+"""One registry for every similarity measure: specs, canonical ids, aliases, plugins.
+
+Canonical ids follow the grammar of the similarity-repository registry so results cross-reference:
+``name-key=value-key=value-suffix``, where a value may itself be a parenthesised spec, e.g.
+``cka-kernel=(rbf-sigma=0.5)-hsic=gretton-score``. The id is always *rendered* from a structured :class:`Spec`,
+never written by hand, and ``make(m.id)`` rebuilds the same measure.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import functools
+import math
+import re
+import threading
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .._validation import prepare_pair
+from ..errors import PluginLoadWarning, RepsimError, UnknownNameError
+
+INVARIANCES = frozenset({"orthogonal", "isotropic_scaling", "translation", "invertible_linear", "permutation"})
+ENTRY_POINT_GROUP = "repsim_plugin.measures"
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_.+]+$")
+
+
+# --- specs and ids ------------------------------------------------------------------------------------------------
+
+
+def _render_value(value: Any) -> str:
+    if isinstance(value, Spec):
+        return f"({value.render()})"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise RepsimError(f"parameter values must be finite, got {value}.")
+        return repr(value)
+    text = str(value)
+    if not _TOKEN.match(text):
+        raise RepsimError(
+            f"parameter value {text!r} cannot appear in an id: use letters, digits, '_', '.' or '+' only."
+        )
+    return text
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Structured form of a measure id: a name, ordered parameters, an optional suffix (``score``, ...)."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+    suffix: str | None = None
+
+    def __post_init__(self) -> None:
+        for token in (self.name, *(k for k, _ in self.params), *([self.suffix] if self.suffix else [])):
+            if not _TOKEN.match(token):
+                raise RepsimError(f"{token!r} is not a valid id token: use letters, digits, '_', '.' or '+'.")
+
+    def render(self) -> str:
+        """The canonical id string."""
+        parts = [self.name, *(f"{k}={_render_value(v)}" for k, v in self.params)]
+        if self.suffix:
+            parts.append(self.suffix)
+        return "-".join(parts)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return dict(self.params).get(key, default)
+
+    @classmethod
+    def parse(cls, text: str) -> Spec:
+        """Parse an id string; values in parentheses become nested specs, other values stay strings."""
+        parts = _split_top_level(text)
+        if not parts or not parts[0] or "=" in parts[0]:
+            raise RepsimError(f"{text!r} is not a measure id (expected name-key=value-...).")
+        params: list[tuple[str, Any]] = []
+        suffix = None
+        for i, part in enumerate(parts[1:], start=1):
+            if "=" in part:
+                key, _, value = part.partition("=")
+                if value.startswith("(") and value.endswith(")"):
+                    params.append((key, cls.parse(value[1:-1])))
+                else:
+                    params.append((key, value))
+            elif i == len(parts) - 1:
+                suffix = part
+            else:
+                raise RepsimError(f"{text!r}: {part!r} must be key=value (only the last part may be a suffix).")
+        return cls(parts[0], tuple(params), suffix)
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, current = [], 0, []
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise RepsimError(f"unbalanced parentheses in {text!r}.")
+        if ch == "-" and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    if depth != 0:
+        raise RepsimError(f"unbalanced parentheses in {text!r}.")
+    parts.append("".join(current))
+    return parts
+
+
+# --- the measure object -------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Measure:
+    """A similarity measure: ``measure(X, Y) -> 0-d tensor`` plus the metadata that the harness verifies.
+
+    ``X`` (n, d1) and ``Y`` (n, d2) hold the same samples in the same order; numpy arrays and any float dtype
+    are accepted. The result is computed in ``dtype`` (float64 by default) on the inputs' device, and keeps
+    autograd intact when ``differentiable`` is true.
+    """
+
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    spec: Spec
+    larger_is_more_similar: bool
+    symmetric: bool
+    is_metric: bool = False
+    invariances: frozenset[str] = frozenset()
+    differentiable: bool = False
+    streamable: bool = False
+    min_samples: int = 2
+    reference: str = ""
+    description: str = ""
+    #: (low, high) bounds of the value, ``None`` where unbounded.
+    value_range: tuple[float | None, float | None] = (None, None)
+    #: value of ``measure(X, X)``; ``None`` when it depends on X.
+    self_value: float | None = None
+    dtype: torch.dtype | None = torch.float64
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.invariances = frozenset(self.invariances)
+        unknown = self.invariances - INVARIANCES
+        if unknown:
+            raise RepsimError(f"unknown invariances {sorted(unknown)}; choose from {sorted(INVARIANCES)}.")
+        if self.is_metric and self.larger_is_more_similar:
+            raise RepsimError("a metric is a distance: declare larger_is_more_similar=False.")
+        if int(self.min_samples) < 1:
+            raise RepsimError(f"min_samples must be >= 1, got {self.min_samples}.")
+
+    @property
+    def id(self) -> str:
+        """Canonical id, rendered from :attr:`spec`."""
+        return self.spec.render()
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        """Short names that resolve to this id."""
+        return tuple(sorted(a for a, target in _REGISTRY.aliases.items() if target == self.id))
+
+    def __call__(self, X: Any, Y: Any) -> torch.Tensor:
+        Xt, Yt = prepare_pair(X, Y, min_samples=self.min_samples, dtype=self.dtype)
+        return self.fn(Xt, Yt)
+
+    def with_dtype(self, dtype: torch.dtype | None) -> Measure:
+        """The same measure computed in another dtype (``None``: the inputs' own, at least float32)."""
+        return _copy(self, dtype=dtype)
+
+    def metadata(self) -> dict[str, Any]:
+        """Plain-data description (for the CLI, README tables and results)."""
+        return {
+            "id": self.id,
+            "aliases": list(self.aliases),
+            "larger_is_more_similar": self.larger_is_more_similar,
+            "symmetric": self.symmetric,
+            "is_metric": self.is_metric,
+            "invariances": sorted(self.invariances),
+            "differentiable": self.differentiable,
+            "streamable": self.streamable,
+            "min_samples": self.min_samples,
+            "value_range": list(self.value_range),
+            "self_value": self.self_value,
+            "reference": self.reference,
+            "description": self.description,
+        }
+
+    def __repr__(self) -> str:
+        return f"Measure({self.id!r})"
+
+
+def _copy(measure: Measure, **changes: Any) -> Measure:
+    from dataclasses import replace
+
+    return replace(measure, **changes)
+
+
+# --- the registry ---------------------------------------------------------------------------------------------------
+
+Builder = Callable[[dict[str, Any]], Measure]
+
+
+class _Registry:
+    def __init__(self) -> None:
+        self.measures: dict[str, Measure] = {}
+        self.families: dict[str, Builder] = {}
+        self.aliases: dict[str, str] = {}
+        self.plugins_loaded = False
+        self.lock = threading.RLock()
+
+    def add(self, measure: Measure, aliases: Iterable[str] = (), overwrite: bool = False) -> None:
+        with self.lock:
+            if measure.id in self.measures and not overwrite:
+                raise RepsimError(
+                    f"a measure with id {measure.id!r} is already registered; pass overwrite=True to replace it."
+                )
+            self.measures[measure.id] = measure
+            for alias in aliases:
+                self.add_alias(alias, measure.id, overwrite=overwrite)
+
+    def add_alias(self, alias: str, target: str, overwrite: bool = False) -> None:
+        current = self.aliases.get(alias)
+        if current is not None and current != target and not overwrite:
+            raise RepsimError(f"alias {alias!r} already points to {current!r}; pass overwrite=True to change it.")
+        self.aliases[alias] = target
+
+    def known_names(self) -> list[str]:
+        return sorted({*self.measures, *self.aliases, *self.families})
+
+
+_REGISTRY = _Registry()
+
+
+def register(
+    id: str,
+    fn: Callable[..., torch.Tensor] | None = None,
+    *,
+    larger_is_more_similar: bool,
+    symmetric: bool,
+    is_metric: bool = False,
+    invariances: Iterable[str] = (),
+    differentiable: bool = False,
+    streamable: bool = False,
+    min_samples: int = 2,
+    reference: str = "",
+    description: str = "",
+    value_range: tuple[float | None, float | None] = (None, None),
+    self_value: float | None = None,
+    aliases: Iterable[str] = (),
+    overwrite: bool = False,
+) -> Any:
+    """Register ``fn(X, Y) -> 0-d tensor`` under ``id``; usable as a decorator or a plain call.
+
+    ``fn`` receives validated float64 tensors of shape (n, d1), (n, d2). Every declared property (invariances,
+    symmetry, metric, differentiability, ``min_samples``, range, self value) is checked by
+    :func:`repsim_plugin.testing.check_measure`. Returns the :class:`Measure` (also from the decorator form).
+    Extra keyword arguments given to ``make(id, **params)`` are passed to ``fn`` and appended to the id.
+    """
+
+    def decorate(func: Callable[..., torch.Tensor]) -> Measure:
+        spec = Spec.parse(id)
+        measure = Measure(
+            fn=func,
+            spec=spec,
+            larger_is_more_similar=larger_is_more_similar,
+            symmetric=symmetric,
+            is_metric=is_metric,
+            invariances=frozenset(invariances),
+            differentiable=differentiable,
+            streamable=streamable,
+            min_samples=min_samples,
+            reference=reference,
+            description=description or (func.__doc__ or "").strip().split("\n")[0],
+            value_range=value_range,
+            self_value=self_value,
+        )
+        _REGISTRY.add(measure, aliases=aliases, overwrite=overwrite)
+        return measure
+
+    if fn is not None:
+        return decorate(fn)
+    return decorate
+
+
+def register_family(
+    name: str,
+    build: Builder,
+    *,
+    variants: Iterable[Mapping[str, Any]] = (),
+    aliases: Mapping[str, Mapping[str, Any]] | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Register a parameterised family of measures.
+
+    ``build(params) -> Measure`` receives the parameters parsed from an id (strings and nested :class:`Spec`)
+    merged with those given to :func:`make`, and must reject unknown ones. ``variants`` are listed by
+    :func:`list_measures`; ``aliases`` maps a short name to the parameters of the measure it stands for.
+    """
+    with _REGISTRY.lock:
+        if name in _REGISTRY.families and not overwrite:
+            raise RepsimError(f"a measure family {name!r} is already registered; pass overwrite=True.")
+        _REGISTRY.families[name] = build
+        for params in variants:
+            _REGISTRY.add(build(dict(params)), overwrite=overwrite)
+        for alias, params in (aliases or {}).items():
+            measure = build(dict(params))
+            if measure.id not in _REGISTRY.measures:
+                _REGISTRY.add(measure, overwrite=overwrite)
+            _REGISTRY.add_alias(alias, measure.id, overwrite=overwrite)
+
+
+def unregister(id_or_alias: str) -> None:
+    """Remove a measure (and the aliases pointing at it) or a single alias."""
+    with _REGISTRY.lock:
+        if id_or_alias in _REGISTRY.aliases:
+            del _REGISTRY.aliases[id_or_alias]
+            return
+        if id_or_alias not in _REGISTRY.measures:
+            raise _unknown(id_or_alias)
+        del _REGISTRY.measures[id_or_alias]
+        for alias in [a for a, t in _REGISTRY.aliases.items() if t == id_or_alias]:
+            del _REGISTRY.aliases[alias]
+
+
+def _unknown(name: str) -> UnknownNameError:
+    close = difflib.get_close_matches(name, _REGISTRY.known_names(), n=4, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return UnknownNameError(
+        f"unknown measure {name!r}.{hint} `repsim measures` or rp.measures.list() shows every registered id."
+    )
+
+
+def make(id_or_alias: str | Measure, **params: Any) -> Measure:
+    """Build a measure from a canonical id or an alias, optionally overriding parameters.
+
+    ``make("cka")``, ``make("cka-kernel=linear-hsic=song-score")``, ``make("cka", kernel="rbf", sigma=0.5)``.
+    ``dtype=`` sets the compute dtype (float64 by default) without changing the id.
+    """
+    dtype = params.pop("dtype", "default")
+    if isinstance(id_or_alias, Measure):
+        measure = id_or_alias if not params else make(id_or_alias.id, **params)
+    else:
+        measure = _make(id_or_alias, params)
+    return measure if dtype == "default" else measure.with_dtype(dtype)
+
+
+def _make(name: str, params: dict[str, Any]) -> Measure:
+    load_plugins()
+    target = _REGISTRY.aliases.get(name, name)
+    if not params and target in _REGISTRY.measures:
+        return _REGISTRY.measures[target]
+    try:
+        spec = Spec.parse(target)
+    except RepsimError:
+        raise _unknown(name) from None
+    build = _REGISTRY.families.get(spec.name)
+    if build is not None:
+        merged = dict(spec.params)
+        merged.update(params)
+        measure = build(merged)
+        if spec.suffix is not None and measure.spec.suffix != spec.suffix:
+            raise UnknownNameError(
+                f"{name!r}: measures of family {spec.name!r} end in {measure.spec.suffix!r}, not {spec.suffix!r}."
+            )
+        return measure
+    if target in _REGISTRY.measures:
+        return _bind(_REGISTRY.measures[target], params)
+    raise _unknown(name)
+
+
+def _bind(measure: Measure, params: dict[str, Any]) -> Measure:
+    spec = Spec(measure.spec.name, measure.spec.params + tuple(sorted(params.items())), measure.spec.suffix)
+    return _copy(measure, fn=functools.partial(measure.fn, **params), spec=spec, params=dict(params))
+
+
+def list_measures(pattern: str = "*") -> list[str]:
+    """Canonical ids whose id or one of whose aliases matches the glob ``pattern``, sorted."""
+    load_plugins()
+    with _REGISTRY.lock:
+        hits = {mid for mid in _REGISTRY.measures if fnmatch.fnmatchcase(mid, pattern)}
+        hits |= {t for a, t in _REGISTRY.aliases.items() if fnmatch.fnmatchcase(a, pattern)}
+    return sorted(hits)
+
+
+def aliases() -> dict[str, str]:
+    """Every alias and the canonical id it resolves to."""
+    load_plugins()
+    return dict(sorted(_REGISTRY.aliases.items()))
+
+
+# --- plugins ---------------------------------------------------------------------------------------------------------
+
+
+def load_plugins(force: bool = False) -> list[str]:
+    """Load third-party measures from the entry-point group ``repsim_plugin.measures`` (once, lazily).
+
+    An entry point may name a :class:`Measure` (registered as is) or a callable taking no arguments that
+    registers measures itself. A plugin that fails to load becomes a :class:`PluginLoadWarning`; the rest of the
+    registry keeps working. Returns the names of the entry points loaded successfully.
+    """
+    from importlib.metadata import entry_points
+
+    with _REGISTRY.lock:
+        if _REGISTRY.plugins_loaded and not force:
+            return []
+        _REGISTRY.plugins_loaded = True
+        loaded = []
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                obj = ep.load()
+                if isinstance(obj, Measure):
+                    _REGISTRY.add(obj, overwrite=force)
+                elif callable(obj):
+                    obj()
+                else:
+                    raise TypeError(f"it names a {type(obj).__name__}, not a Measure or a registration function")
+                loaded.append(ep.name)
+            except Exception as exc:  # a broken plugin must not break the registry
+                warnings.warn(
+                    f"measure plugin {ep.name!r} ({ep.value}) could not be loaded and is skipped: {exc!r}",
+                    PluginLoadWarning,
+                    stacklevel=2,
+                )
+        return loaded
