@@ -176,6 +176,13 @@ def build_cka(params: dict[str, Any]) -> Measure:
     hsic = hsic or "gretton"
     if hsic not in HSIC_ESTIMATORS:
         raise UnknownNameError(f"unknown HSIC estimator {hsic!r}; choose one of {sorted(HSIC_ESTIMATORS)}.")
+    other_kernels = sorted(k for k, accepted in KERNEL_PARAMS.items() if set(params) & set(accepted))
+    if params and other_kernels:
+        raise RepsimError(
+            f"parameter(s) {sorted(params)} do not apply to kernel={name!r}; they belong to "
+            + " / ".join(f"kernel={k!r}" for k in other_kernels)
+            + ", so pass that kernel too."
+        )
     if params:
         raise RepsimError(
             f"cka takes no parameter(s) {sorted(params)}; it accepts kernel, hsic / debiased and the kernel's "
