@@ -26,9 +26,19 @@ def _cases() -> list[tuple[str, np.ndarray, np.ndarray, bool]]:
     X2 = r.standard_normal((200, 64))
     return [
         ("gaussian", r.standard_normal((10, 3)), r.standard_normal((10, 4)), True),
-        ("post_relu", relu(r.standard_normal((12, 6))), relu(r.standard_normal((12, 6)) @ r.standard_normal((6, 5))), True),
+        (
+            "post_relu",
+            relu(r.standard_normal((12, 6))),
+            relu(r.standard_normal((12, 6)) @ r.standard_normal((6, 5))),
+            True,
+        ),
         ("large_common_offset", r.standard_normal((11, 4)) + 1e4, relu(r.standard_normal((11, 3))) + 1e3, True),
-        ("offset_in_some_columns", r.standard_normal((9, 3)) * [1, 1, 1] + [0, 1e6, 0], r.standard_normal((9, 2)), True),
+        (
+            "offset_in_some_columns",
+            r.standard_normal((9, 3)) * [1, 1, 1] + [0, 1e6, 0],
+            r.standard_normal((9, 2)),
+            True,
+        ),
         ("more_features_than_samples", r.standard_normal((8, 20)), r.standard_normal((8, 15)), True),
         ("rank_one_y", r.standard_normal((10, 4)), np.outer(r.standard_normal(10), r.standard_normal(3)), True),
         ("integer_valued", r.integers(-5, 6, (12, 4)).astype(float), r.integers(0, 3, (12, 3)).astype(float), True),

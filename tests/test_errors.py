@@ -90,7 +90,7 @@ def test_integer_numpy_and_lists(XY):
     _, Y = XY
     with pytest.raises(InputDtypeError, match="astype"):
         rp.similarity(np.arange(60).reshape(20, 3), Y)
-    with pytest.raises(InputDtypeError, match="torch.Tensor or a numpy array"):
+    with pytest.raises(InputDtypeError, match=r"torch\.Tensor or a numpy array"):
         rp.similarity([[1.0, 2.0]] * 20, Y)
 
 

@@ -238,4 +238,5 @@ register_family(
         "rbf_cka": {"kernel": "rbf", "sigma": 0.5, "hsic": "gretton"},
         "debiased_rbf_cka": {"kernel": "rbf", "sigma": 0.5, "hsic": "song"},
     },
+    replaces={"debiased": ("hsic",)},
 )

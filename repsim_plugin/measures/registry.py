@@ -210,6 +210,8 @@ class _Registry:
     def __init__(self) -> None:
         self.measures: dict[str, Measure] = {}
         self.families: dict[str, Builder] = {}
+        #: per family: a parameter given to make() -> the id parameters it replaces (e.g. debiased -> hsic)
+        self.replaces: dict[str, dict[str, tuple[str, ...]]] = {}
         self.aliases: dict[str, str] = {}
         self.plugins_loaded = False
         self.lock = threading.RLock()
@@ -294,6 +296,7 @@ def register_family(
     *,
     variants: Iterable[Mapping[str, Any]] = (),
     aliases: Mapping[str, Mapping[str, Any]] | None = None,
+    replaces: Mapping[str, Iterable[str]] | None = None,
     overwrite: bool = False,
 ) -> None:
     """Register a parameterised family of measures.
@@ -301,11 +304,14 @@ def register_family(
     ``build(params) -> Measure`` receives the parameters parsed from an id (strings and nested :class:`Spec`)
     merged with those given to :func:`make`, and must reject unknown ones. ``variants`` are listed by
     :func:`list_measures`; ``aliases`` maps a short name to the parameters of the measure it stands for.
+    ``replaces`` maps a convenience parameter of :func:`make` to the id parameters it overrides, so that
+    ``make("cka", debiased=True)`` replaces the alias's ``hsic=gretton`` instead of contradicting it.
     """
     with _REGISTRY.lock:
         if name in _REGISTRY.families and not overwrite:
             raise RepsimError(f"a measure family {name!r} is already registered; pass overwrite=True.")
         _REGISTRY.families[name] = build
+        _REGISTRY.replaces[name] = {k: tuple(v) for k, v in (replaces or {}).items()}
         for params in variants:
             _REGISTRY.add(build(dict(params)), overwrite=overwrite)
         for alias, params in (aliases or {}).items():
@@ -362,6 +368,10 @@ def _make(name: str, params: dict[str, Any]) -> Measure:
     build = _REGISTRY.families.get(spec.name)
     if build is not None:
         merged = dict(spec.params)
+        for given in params:
+            for replaced in _REGISTRY.replaces.get(spec.name, {}).get(given, ()):
+                if replaced not in params:
+                    merged.pop(replaced, None)
         merged.update(params)
         measure = build(merged)
         if spec.suffix is not None and measure.spec.suffix != spec.suffix:
