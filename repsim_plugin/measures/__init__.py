@@ -6,7 +6,7 @@ Importing this package registers the built-in measures; third-party ones come fr
 
 from __future__ import annotations
 
-from . import cka, kernels  # noqa: F401  (registers the built-in measures)
+from . import cca, cka, kernels, neighbors, procrustes, regression, rsa  # noqa: F401  (registers the built-in measures)
 from .registry import (
     ENTRY_POINT_GROUP,
     INVARIANCES,

@@ -18,6 +18,7 @@ from .kernels import (
     DEFAULT_BANDWIDTH,
     KERNEL_PARAMS,
     KERNELS,
+    SCALE_DEPENDENT_KERNELS,
     center_columns,
     center_gram,
     cka_from_hsic,
@@ -125,6 +126,28 @@ def _as_bool(name: str, value: Any) -> bool:
     raise RepsimError(f"{name} must be True or False, got {value!r}.")
 
 
+def _as_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise RepsimError(f"{name} must be a positive integer, got {value!r}.")
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        raise RepsimError(f"{name} must be a positive integer, got {value!r}.") from None
+    if out < 1 or (isinstance(value, float) and value != out) or (isinstance(value, str) and str(out) != value):
+        raise RepsimError(f"{name} must be a positive integer, got {value!r}.")
+    return out
+
+
+def _as_nonnegative_float(name: str, value: Any) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise RepsimError(f"{name} must be a number, got {value!r}.") from None
+    if not math.isfinite(out) or out < 0:
+        raise RepsimError(f"{name} must be a non-negative finite number, got {value!r}.")
+    return out
+
+
 def _kernel_from_params(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """Resolve ``kernel`` (a name or a parsed ``(name-k=v)`` spec) plus flat overrides like ``sigma=``."""
     kernel = params.pop("kernel", "linear")
@@ -146,6 +169,9 @@ def _kernel_from_params(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             + (" Pass kernel='rbf' to use sigma." if "sigma" in unknown else "")
         )
     full = {**accepted, **kparams}
+    if name == "polynomial":
+        full["degree"] = _as_positive_int("degree", full["degree"])
+        full["coef0"] = _as_nonnegative_float("coef0", full["coef0"])
     if name == "rbf":
         full["sigma"] = _as_float("sigma", full["sigma"])
         if full["bandwidth"] not in BANDWIDTH_RULES:
@@ -159,7 +185,7 @@ def _kernel_spec(name: str, kparams: dict[str, Any]) -> str | Spec:
     if name == "linear":
         return "linear"
     items = [(k, v) for k, v in kparams.items() if not (k == "bandwidth" and v == DEFAULT_BANDWIDTH)]
-    return Spec(name, tuple(items))
+    return Spec(name, tuple(items)) if items else name
 
 
 def build_cka(params: dict[str, Any]) -> Measure:
@@ -200,7 +226,7 @@ def build_cka(params: dict[str, Any]) -> Measure:
             return kernel_cka(X, Y, kernel=name, debiased=is_debiased, **kparams)
 
     invariances = {"orthogonal", "isotropic_scaling", "translation", "permutation"}
-    if name == "rbf" and kparams["bandwidth"] == "fixed":
+    if (name == "rbf" and kparams["bandwidth"] == "fixed") or name in SCALE_DEPENDENT_KERNELS:
         invariances.discard("isotropic_scaling")
     kernel_label = name if name == "linear" else f"{name} {kparams}"
     return Measure(
@@ -229,6 +255,8 @@ register_family(
         {"kernel": "rbf", "sigma": 0.5, "hsic": "gretton"},
         {"kernel": "rbf", "sigma": 0.5, "hsic": "song"},
         {"kernel": "rbf", "sigma": 1.0, "hsic": "gretton"},
+        {"kernel": "cosine", "hsic": "gretton"},
+        {"kernel": "polynomial", "degree": 3, "coef0": 1.0, "hsic": "gretton"},
     ],
     aliases={
         "cka": {"kernel": "linear", "hsic": "gretton"},

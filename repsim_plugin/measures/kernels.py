@@ -105,13 +105,51 @@ def rbf_gram(X: torch.Tensor, sigma: float = 0.5, bandwidth: str = DEFAULT_BANDW
     return torch.exp(-D / (2.0 * rbf_bandwidth(D, sigma, bandwidth)))
 
 
+def cosine_gram(X: torch.Tensor) -> torch.Tensor:
+    """Cosine-similarity Gram matrix of the column-centered rows, ``<x~_i, x~_j> / (|x~_i| |x~_j|)``.
+
+    Centering first keeps CKA with this kernel invariant to translation (like the linear kernel). A sample equal
+    to the mean of all samples has no direction: that is an error, not a silent zero row.
+    """
+    Xc = center_columns(X)
+    norms = Xc.norm(dim=1)
+    zero = (norms == 0).nonzero().flatten()
+    if zero.numel():
+        raise DegenerateInputError(
+            f"the cosine kernel needs every centered sample to be non-zero, but sample {int(zero[0])} "
+            f"({zero.numel()} in all) equals the mean of all samples. Use the linear or RBF kernel, or drop it."
+        )
+    Xn = Xc / norms[:, None]
+    return Xn @ Xn.T
+
+
+def polynomial_gram(X: torch.Tensor, degree: int = 3, coef0: float = 1.0) -> torch.Tensor:
+    """Polynomial Gram matrix ``(<x~_i, x~_j> / p + coef0) ** degree`` of the column-centered data.
+
+    ``1 / p`` is scikit-learn's default ``gamma``; centering first keeps CKA translation invariant. The kernel is
+    not scale invariant (``coef0`` sets an absolute scale), so neither is CKA with it.
+    """
+    Xc = center_columns(X)
+    return (Xc @ Xc.T / Xc.shape[1] + coef0) ** degree
+
+
 #: Gram-matrix builders by kernel name: ``gram(X, **kernel_params) -> (n, n)``. Extend to add a kernel to
 #: kernel CKA; ``KERNEL_PARAMS`` lists the parameters each accepts with their defaults.
-KERNELS: dict[str, Callable[..., torch.Tensor]] = {"linear": linear_gram, "rbf": rbf_gram}
+KERNELS: dict[str, Callable[..., torch.Tensor]] = {
+    "linear": linear_gram,
+    "rbf": rbf_gram,
+    "cosine": cosine_gram,
+    "polynomial": polynomial_gram,
+}
 KERNEL_PARAMS: dict[str, dict[str, object]] = {
     "linear": {},
     "rbf": {"sigma": 0.5, "bandwidth": DEFAULT_BANDWIDTH},
+    "cosine": {},
+    "polynomial": {"degree": 3, "coef0": 1.0},
 }
+#: Kernels whose Gram matrix changes (beyond a global factor) when the data are scaled: CKA with them is not
+#: invariant to isotropic scaling.
+SCALE_DEPENDENT_KERNELS = frozenset({"polynomial"})
 
 
 # --- HSIC estimators -------------------------------------------------------------------------------------------
