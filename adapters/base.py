@@ -1,0 +1,164 @@
+"""The adapter interface: what capture and compare need to know about a model family.
+
+An adapter names a model's layers (``default_layers``), says how their outputs are laid out (``layout``,
+``prefix_tokens``), feeds it batches (``split_batch`` then ``forward``), finds the padding mask of a batch
+(``attention_mask``), picks the output that output-preservation losses compare (``main_output``) and identifies
+the weights (``fingerprint``). Subclasses override what their family does differently; nothing here imports
+transformers or timm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from repsim_plugin.errors import RepsimError
+
+#: Layouts a layer output can have. "NLC": (batch, tokens, channels); "NCHW" / "NHWC": spatial maps.
+LAYOUTS: tuple[str, ...] = ("NLC", "NCHW", "NHWC")
+
+#: Batch dict keys that hold targets, not model inputs.
+LABEL_KEYS: tuple[str, ...] = ("labels", "label")
+
+
+def class_modules(model: nn.Module) -> list[str]:
+    """Module names of the model's class and its base classes (how families are detected without importing them)."""
+    return [getattr(cls, "__module__", "") or "" for cls in type(model).__mro__]
+
+
+class Adapter:
+    """Base adapter; also the behaviour of any ``nn.Module`` (see :class:`~.generic.GenericAdapter`).
+
+    Attributes:
+        model: the wrapped model (never modified).
+        name: short family name recorded in results.
+        num_prefix_tokens: leading non-patch tokens (CLS, distillation, registers) in token outputs; 0 when none.
+        spatial_layout: layout of 4-d outputs when a layer gives no hint ("NCHW" unless the family is channels-last).
+    """
+
+    name: ClassVar[str] = "base"
+    num_prefix_tokens: int = 0
+    spatial_layout: str = "NCHW"
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise RepsimError(f"expected a torch.nn.Module, got {type(model).__name__}; pass the model itself")
+        self.model = model
+
+    # -- detection -------------------------------------------------------------------------------------------
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """Whether this adapter understands ``model`` (checked by :func:`repsim_plugin.adapters.for_model`)."""
+        return False
+
+    # -- layers ----------------------------------------------------------------------------------------------
+    def default_layers(self) -> list[str]:
+        """Layer names captured when the user names none, in model order."""
+        names = [name for name, _ in self.model.named_children()]
+        if not names:
+            raise RepsimError(
+                f"{type(self.model).__name__} has no submodules to capture by default; name the layers explicitly"
+            )
+        return names
+
+    def layout(self, layer_name: str) -> str | None:
+        """Layout hint of a layer's output: "NLC", "NCHW", "NHWC", or None to infer it from the tensor's rank.
+
+        The hint is used when its rank matches the output (3 for NLC, 4 for the spatial layouts); otherwise
+        capture infers: rank 2 is already (batch, features), rank 3 is NLC, rank 4 is ``spatial_layout``.
+        """
+        return None
+
+    def prefix_tokens(self, layer_name: str) -> int:
+        """Number of leading prefix tokens in this layer's token output (``num_prefix_tokens`` by default)."""
+        return self.num_prefix_tokens
+
+    # -- data ------------------------------------------------------------------------------------------------
+    def split_batch(self, batch: Any) -> tuple[Any, Any | None]:
+        """Split a data-loader batch into (model inputs, labels or None).
+
+        A tensor is all inputs; a 2-sequence is (inputs, labels); a 1-sequence is (inputs,); a mapping loses
+        its "labels" / "label" keys, which become the labels.
+        """
+        if isinstance(batch, torch.Tensor):
+            return batch, None
+        if isinstance(batch, Mapping):
+            inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+            labels = next((batch[k] for k in LABEL_KEYS if k in batch), None)
+            return inputs, labels
+        if isinstance(batch, Sequence) and not isinstance(batch, str):
+            if len(batch) == 1:
+                return batch[0], None
+            if len(batch) == 2:
+                return batch[0], batch[1]
+            raise RepsimError(
+                f"a batch that is a sequence of {len(batch)} items is ambiguous; yield (inputs, labels) pairs, "
+                "a tensor, or a dict of keyword arguments"
+            )
+        raise RepsimError(
+            f"cannot split a batch of type {type(batch).__name__}; yield a tensor, (inputs, labels), or a dict"
+        )
+
+    def forward(self, model_inputs: Any) -> Any:
+        """Run the model on inputs from :meth:`split_batch`: a mapping as keyword arguments, anything else as one."""
+        if isinstance(model_inputs, Mapping):
+            return self.model(**model_inputs)
+        return self.model(model_inputs)
+
+    def attention_mask(self, model_inputs: Any) -> torch.Tensor | None:
+        """The (batch, tokens) padding mask of these inputs (nonzero = real token), or None when there is none."""
+        if isinstance(model_inputs, Mapping):
+            mask = model_inputs.get("attention_mask")
+            if isinstance(mask, torch.Tensor):
+                return mask
+        return None
+
+    def main_output(self, output: Any) -> torch.Tensor:
+        """The tensor that output-preservation losses compare: logits, else last hidden state, else the output."""
+        if isinstance(output, torch.Tensor):
+            return output
+        if isinstance(output, Mapping):
+            for key in ("logits", "last_hidden_state"):
+                value = output.get(key)
+                if isinstance(value, torch.Tensor):
+                    return value
+            for value in output.values():
+                if isinstance(value, torch.Tensor):
+                    return value
+        if isinstance(output, Sequence) and output and isinstance(output[0], torch.Tensor):
+            return output[0]
+        raise RepsimError(
+            f"cannot find a tensor in a model output of type {type(output).__name__}; "
+            "use a custom adapter whose main_output picks it"
+        )
+
+    # -- identity --------------------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """sha256 of the state dict: every entry's name, dtype, shape and raw bytes, in state-dict order.
+
+        Equal weights give equal fingerprints whatever the device; any changed value, name, shape or dtype
+        changes it.
+        """
+        digest = hashlib.sha256()
+        for key, value in self.model.state_dict().items():
+            digest.update(key.encode())
+            digest.update(b"\0")
+            if not isinstance(value, torch.Tensor):  # extra state
+                digest.update(repr(value).encode())
+                continue
+            tensor = value.detach()
+            if tensor.is_meta:
+                raise RepsimError(f"state dict entry {key!r} is on the meta device; load the weights first")
+            digest.update(str(tensor.dtype).encode())
+            digest.update(struct.pack(f"<{tensor.dim() + 1}q", tensor.dim(), *tensor.shape))
+            raw = tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            digest.update(raw.numpy().tobytes())
+        return digest.hexdigest()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.model).__name__})"
