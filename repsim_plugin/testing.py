@@ -1,10 +1,16 @@
 """Conformance checks that any measure (built-in or a plugin's) can be run through.
 
 ``check_measure(measure)`` verifies every property the measure *declares*, numerically:
-each invariance, symmetry, the metric axioms, the value range and self value, ``min_samples`` enforcement, the
-output contract (0-d tensor, compute dtype, numpy input, float32 / float16 input), and
-``torch.autograd.gradcheck`` for differentiable measures. A new measure is tested by registering it: the test
+each invariance, symmetry, the metric axioms (also across different feature counts), the value range and self
+value, ``min_samples`` enforcement, the output contract (0-d tensor, compute dtype, numpy input, float32 / float16
+input, no stray non-package warnings), the direction (a near copy must look more similar than independent data),
+and ``torch.autograd.gradcheck`` for differentiable measures. A new measure is tested by registering it: the test
 suite runs this over every registered id.
+
+It also probes the properties a measure does *not* declare (invariances, symmetry, the metric axioms of a
+distance): one that holds numerically is listed in ``report.notes`` ("declared too little"), and with
+``strict=True`` it counts as a failure. Warnings of the package (``RepsimWarning``) are expected at the tiny
+sample sizes some checks use and are silenced there.
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ from typing import Any
 
 import torch
 
-from .errors import RepsimError, SmallSampleBiasWarning, TooFewSamplesError
-from .measures import Measure, list_measures, make
+from .errors import RepsimError, RepsimWarning, SmallSampleBiasWarning, TooFewSamplesError
+from .measures import INVARIANCES, Measure, list_measures, make
 
 
 @dataclass
@@ -29,6 +35,8 @@ class ConformanceReport:
     measure_id: str
     passed: list[str] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
+    #: properties that hold numerically but are not declared (e.g. ``"invariance:translation"``), with details
+    notes: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -37,6 +45,7 @@ class ConformanceReport:
     def __str__(self) -> str:
         lines = [f"{self.measure_id}: {len(self.passed)} checks passed, {len(self.failures)} failed"]
         lines += [f"  FAIL {name}: {detail}" for name, detail in self.failures.items()]
+        lines += [f"  NOTE {name}: {detail}" for name, detail in self.notes.items()]
         return "\n".join(lines)
 
 
@@ -89,17 +98,21 @@ def check_measure(
     trials: int = 2,
     gradcheck_n: int | None = None,
     raise_on_failure: bool = True,
+    strict: bool = False,
 ) -> ConformanceReport:
     """Verify numerically every property ``measure`` declares; raise ``AssertionError`` listing the failures.
 
     ``n`` defaults to ``max(60, 4 * min_samples)`` so that nearest-neighbour and CCA-type measures are well
-    defined; ``trials`` random problems are drawn per check.
+    defined; ``trials`` random problems are drawn per check. ``strict=True`` also fails on properties that hold
+    but are not declared (listed in ``report.notes`` otherwise).
     """
     m = make(measure) if isinstance(measure, str) else measure
     with warnings.catch_warnings():
         # the checks use small n on purpose; the small-sample bias warning is expected noise here
         warnings.simplefilter("ignore", SmallSampleBiasWarning)
         report = _run_checks(m, n, p, q, seed, atol, rtol, trials, gradcheck_n)
+    if strict:
+        report.failures.update({name: f"holds but is not declared: {detail}" for name, detail in report.notes.items()})
     if raise_on_failure and not report.ok:
         raise AssertionError(str(report))
     return report
@@ -204,25 +217,53 @@ def _run_checks(
                 pass
             else:
                 return f"accepted n={k - 1} although min_samples={k}"
-        # at n = min_samples a well-spread input must either work or fail with a RepsimError, never crash
+        # at n = min_samples a well-spread input must either work or fail with a RepsimError, never crash;
+        # a package warning (e.g. "too few samples for p features") is expected at this size
         Xs = torch.randn(k, p, generator=gen, dtype=torch.float64)
         Ys = torch.randn(k, q, generator=gen, dtype=torch.float64)
-        with contextlib.suppress(RepsimError):
+        with contextlib.suppress(RepsimError), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RepsimWarning)
             m(Xs, Ys)
         return None
 
     def metric_axioms() -> str | None:
-        for _ in range(3 * trials):
-            A = torch.randn(n, p, generator=gen, dtype=torch.float64)
-            B = A + 0.5 * torch.randn(n, p, generator=gen, dtype=torch.float64)
-            C = torch.randn(n, p, generator=gen, dtype=torch.float64)
-            ab, bc, ac = value(A, B), value(B, C), value(A, C)
-            if min(ab, bc, ac) < -atol:
-                return f"negative distance {min(ab, bc, ac)!r}"
-            if ac > ab + bc + atol:
-                return f"triangle inequality fails: d(A,C) = {ac!r} > d(A,B) + d(B,C) = {ab + bc!r}"
+        for t in range(3 * trials):
+            # the last trials mix feature counts: a metric between representations must allow p != q
+            pa, pb, pc = (p, p, p) if t < 2 * trials else (p, q, p + 2)
+            A = torch.randn(n, pa, generator=gen, dtype=torch.float64)
+            B = torch.randn(n, pb, generator=gen, dtype=torch.float64)
+            B[:, : min(pa, pb)] += A[:, : min(pa, pb)]
+            C = torch.randn(n, pc, generator=gen, dtype=torch.float64)
+            for first, second, third in ((A, B, C), (B, C, A), (C, A, B)):
+                ab, bc, ac = value(first, second), value(second, third), value(first, third)
+                if min(ab, bc, ac) < -atol:
+                    return f"negative distance {min(ab, bc, ac)!r}"
+                if ac > ab + bc + atol:
+                    return f"triangle inequality fails: d(A,C) = {ac!r} > d(A,B) + d(B,C) = {ab + bc!r}"
             if abs(value(A, A)) > atol:
                 return f"d(A, A) = {value(A, A)!r} != 0"
+        return None
+
+    def direction() -> str | None:
+        # a slightly perturbed copy must look more similar than independent data of the same shape
+        for X, Y in problems:
+            near = value(X, X + 0.05 * X.std() * torch.randn(X.shape, generator=gen, dtype=torch.float64))
+            far = value(X, torch.randn(Y.shape, generator=gen, dtype=torch.float64))
+            closer = near > far if m.larger_is_more_similar else near < far
+            if not closer:
+                word = "larger" if m.larger_is_more_similar else "smaller"
+                return f"declared {word} = more similar, but a near copy scores {near!r} and independent data {far!r}"
+        return None
+
+    def no_stray_warnings() -> str | None:
+        X, Y = problems[0]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            m(X, Y)
+        stray = [w for w in caught if not issubclass(w.category, RepsimWarning)]
+        if stray:
+            w = stray[0]
+            return f"emitted {w.category.__name__} on well-conditioned data: {w.message}"
         return None
 
     def gradients() -> str | None:
@@ -238,11 +279,28 @@ def _run_checks(
         ok = torch.autograd.gradcheck(lambda a, b: measure64(a, b), (X, Y), eps=1e-6, atol=1e-5, rtol=1e-4)
         return None if ok else "gradcheck failed"
 
+    def probe(name: str, check: Callable[[], str | None], detail: str) -> None:
+        """An undeclared property: note it when it holds (it might deserve declaring)."""
+        try:
+            problem = check()
+        except Exception:  # a crash or failure means the property does not hold: nothing to note
+            return
+        if not problem:
+            report.notes[name] = detail
+
     run("output_contract", output_contract)
+    run("no_stray_warnings", no_stray_warnings)
+    run("direction", direction)
     for kind in sorted(m.invariances):
         run(f"invariance:{kind}", invariance(kind))
+    for kind in sorted(INVARIANCES - m.invariances):
+        probe(f"invariance:{kind}", invariance(kind), f"{m.id} seems invariant to {kind} transformations")
     if m.symmetric:
         run("symmetric", symmetry)
+    else:
+        probe("symmetric", symmetry, f"m(X, Y) == m(Y, X) on every trial although {m.id} is declared asymmetric")
+    if not m.is_metric and not m.larger_is_more_similar:
+        probe("metric_axioms", metric_axioms, f"{m.id} satisfies the metric axioms on random triples")
     if m.self_value is not None:
         run("self_value", self_value)
     if m.value_range != (None, None):
