@@ -303,8 +303,15 @@ register_family(
     build_cca,
     variants=[{"mean": "r"}, {"mean": "r2"}],
     aliases={"cca": {"mean": "r"}, "mean_cca": {"mean": "r"}, "mean_sq_cca": {"mean": "r2"}},
+    replaces={"squared": ("mean",)},
 )
-register_family("svcca", build_svcca, variants=[{"keep": 0.99}], aliases={"svcca": {"keep": 0.99}})
+register_family(
+    "svcca",
+    build_svcca,
+    variants=[{"keep": 0.99}],
+    aliases={"svcca": {"keep": 0.99}},
+    replaces={"dims": ("keep",), "keep": ("dims",)},
+)
 register_family(
     "pwcca",
     build_pwcca,

@@ -177,6 +177,12 @@ def _builder(family: str):
 
 
 for _family in _FUNCTIONS:
-    register_family(_family, _builder(_family), variants=[{"topk": 10}], aliases={_family: {"topk": 10}})
+    register_family(
+        _family,
+        _builder(_family),
+        variants=[{"topk": 10}],
+        aliases={_family: {"topk": 10}},
+        replaces={"k": ("topk",)},
+    )
 
 __all__ = ["cknna", "cosine_kernel", "hsic_unbiased_general", "jaccard_knn", "knn_indices", "knn_mask", "mutual_knn"]
