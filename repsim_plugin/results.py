@@ -1,0 +1,447 @@
+"""``SimilarityMap``: a layer x layer similarity matrix with everything needed to reproduce and trust it.
+
+A map carries its values (float64), the layer names of both sides, the measure's canonical id, the estimator that
+produced it (``"feature_streaming"``, ``"sample_space"``, ``"minibatch"``, ``"captured"``), the token / spatial
+reduction policy, the number of samples, the activations' dtype, the seed, fingerprints of the two models or
+checkpoints, library versions, and optionally intervals and p-values. It saves to JSON losslessly (Python writes
+every finite float64 as its shortest round-tripping decimal, and reads it back to the same bits), loads with schema
+checks, converts to a pandas DataFrame, and plots as a labelled heatmap.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import InputShapeError, NonFiniteInputError, RepsimError, UnknownNameError
+
+__all__ = ["ESTIMATORS", "SCHEMA", "SCHEMA_VERSION", "SimilarityMap", "collect_versions", "state_dict_fingerprint"]
+
+SCHEMA = "repsim_plugin.SimilarityMap"
+SCHEMA_VERSION = 1
+#: Known estimator names (others are accepted, e.g. from plugins; these are the ones the package produces).
+ESTIMATORS = ("feature_streaming", "sample_space", "minibatch", "captured")
+#: Maps larger than this many cells are not annotated by default.
+_ANNOTATE_MAX_CELLS = 256
+
+
+# --- provenance helpers -----------------------------------------------------------------------------------------------
+
+
+def collect_versions() -> dict[str, str]:
+    """Versions of the libraries a result depends on; transformers / timm only when already imported."""
+    from . import __version__
+
+    out = {
+        "repsim_plugin": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+    }
+    for name in ("transformers", "timm", "torchvision"):
+        module = sys.modules.get(name)
+        if module is not None and isinstance(getattr(module, "__version__", None), str):
+            out[name] = module.__version__
+    return out
+
+
+def state_dict_fingerprint(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a model's state dict: names, dtypes, shapes and raw bytes of every tensor, in name order.
+
+    Two models with bit-identical weights (and buffers) get the same fingerprint, whatever device they are on.
+    """
+    state = (
+        model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module) else model_or_state_dict
+    )
+    if not isinstance(state, Mapping):
+        raise RepsimError(f"expected a torch.nn.Module or a state dict, got {type(model_or_state_dict).__name__}.")
+    h = hashlib.sha256()
+    for name in sorted(state):
+        value = state[name]
+        h.update(name.encode())
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(f"|{value!r}|".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
+    """Write via a temporary file in the target folder and ``os.replace`` it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --- validation helpers -----------------------------------------------------------------------------------------------
+
+
+def _as_matrix(value: Any, name: str, shape: tuple[int, int]) -> torch.Tensor:
+    try:
+        t = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise InputShapeError(f"{name} must be a (La, Lb) matrix of numbers: {err}") from None
+    t = t.cpu().clone()
+    if t.ndim != 2 or tuple(t.shape) != shape:
+        raise InputShapeError(
+            f"{name} has shape {tuple(t.shape)}, but there are {shape[0]} layers_a and {shape[1]} layers_b: it must "
+            f"be {shape} (rows = layers_a, columns = layers_b)."
+        )
+    if not bool(torch.isfinite(t).all()):
+        bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+        raise NonFiniteInputError(
+            f"{name} contains NaN or Inf (first at row {bad[0]}, column {bad[1]}); a similarity map holds finite "
+            "values only: find the failing layer pair instead of storing a placeholder."
+        )
+    return t
+
+
+def _layer_names(names: Any, side: str) -> list[str]:
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise InputShapeError(f"layers_{side} must be a list of layer names, got {type(names).__name__}.")
+    out = []
+    for name in names:
+        if not isinstance(name, str):
+            raise InputShapeError(f"layers_{side} must hold strings, got {name!r} ({type(name).__name__}).")
+        out.append(name)
+    dup = sorted({n for n in out if out.count(n) > 1})
+    if dup:
+        raise InputShapeError(f"layers_{side} has duplicate names {dup}; each row / column needs its own name.")
+    if not out:
+        raise InputShapeError(f"layers_{side} is empty; a map needs at least one layer per side.")
+    return out
+
+
+def _json_ready(value: Any, where: str) -> Any:
+    """Check that a metadata value survives JSON exactly (no NaN, no arbitrary objects)."""
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise NonFiniteInputError(f"{where} is {value}; JSON metadata must be finite.")
+        return value
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise RepsimError(f"{where} has a non-string key {k!r}; JSON object keys are strings.")
+            out[k] = _json_ready(v, f"{where}[{k!r}]")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise RepsimError(
+        f"{where} is a {type(value).__name__}; metadata must be JSON data (str, int, float, bool, None, lists, dicts)."
+    )
+
+
+def _matrix_to_json(t: torch.Tensor) -> list[list[float]]:
+    return [[float(v) for v in row] for row in t.tolist()]
+
+
+# --- the map --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class SimilarityMap:
+    """Layer x layer similarity values with provenance.
+
+    ``values[i, j]`` compares ``layers_a[i]`` of model A with ``layers_b[j]`` of model B. ``reduction`` records the
+    token / spatial policy (e.g. ``{"tokens": "mean", "spatial": "flatten"}``); ``fingerprints`` the models or
+    checkpoints (``{"a": "sha256:...", "b": ...}``, see :func:`state_dict_fingerprint`); ``intervals`` an optional
+    ``(low, high)`` pair of matrices at ``interval_level``; ``p_values`` an optional matrix. ``extra`` holds any other
+    JSON metadata (``model_a`` / ``model_b`` labels are used by :meth:`plot`).
+    """
+
+    values: torch.Tensor
+    layers_a: list[str]
+    layers_b: list[str]
+    measure: str
+    estimator: str = "captured"
+    reduction: dict[str, Any] = field(default_factory=dict)
+    n: int = 0
+    dtype: str = "float32"
+    seed: int | None = None
+    fingerprints: dict[str, str | None] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=collect_versions)
+    intervals: tuple[torch.Tensor, torch.Tensor] | None = None
+    interval_level: float | None = None
+    p_values: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.layers_a = _layer_names(self.layers_a, "a")
+        self.layers_b = _layer_names(self.layers_b, "b")
+        shape = (len(self.layers_a), len(self.layers_b))
+        self.values = _as_matrix(self.values, "values", shape)
+        if not isinstance(self.measure, str) or not self.measure:
+            raise RepsimError(f"measure must be a non-empty id string, got {self.measure!r}.")
+        if not isinstance(self.estimator, str) or not self.estimator:
+            raise RepsimError(f"estimator must be a non-empty string, got {self.estimator!r}.")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 0:
+            raise RepsimError(f"n must be a non-negative int (the number of samples), got {self.n!r}.")
+        if not isinstance(self.dtype, str):
+            self.dtype = str(self.dtype).replace("torch.", "")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise RepsimError(f"seed must be an int or None, got {self.seed!r}.")
+        self.reduction = _json_ready(dict(self.reduction), "reduction")
+        self.fingerprints = _json_ready(dict(self.fingerprints), "fingerprints")
+        self.versions = _json_ready(dict(self.versions), "versions")
+        self.extra = _json_ready(dict(self.extra), "extra")
+        if self.intervals is not None:
+            if not isinstance(self.intervals, (tuple, list)) or len(self.intervals) != 2:
+                raise InputShapeError("intervals must be a (low, high) pair of matrices shaped like values.")
+            low = _as_matrix(self.intervals[0], "intervals[0] (low)", shape)
+            high = _as_matrix(self.intervals[1], "intervals[1] (high)", shape)
+            if bool((low > high).any()):
+                raise RepsimError("intervals: some low bounds exceed their high bounds; pass (low, high) in order.")
+            self.intervals = (low, high)
+        if self.interval_level is not None:
+            level = float(self.interval_level)
+            if not 0.0 < level < 1.0:
+                raise RepsimError(f"interval_level must lie in (0, 1), e.g. 0.95, got {self.interval_level!r}.")
+            self.interval_level = level
+        if self.p_values is not None:
+            self.p_values = _as_matrix(self.p_values, "p_values", shape)
+            if bool(((self.p_values < 0) | (self.p_values > 1)).any()):
+                raise RepsimError("p_values must lie in [0, 1].")
+
+    # --- access ---
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.layers_a), len(self.layers_b))
+
+    def _index(self, name: Any, names: list[str], side: str) -> int:
+        if isinstance(name, int) and not isinstance(name, bool):
+            if not -len(names) <= name < len(names):
+                raise IndexError(f"layer index {name} out of range for {len(names)} layers_{side}.")
+            return name % len(names)
+        if name in names:
+            return names.index(name)
+        close = difflib.get_close_matches(str(name), names, n=3)
+        raise UnknownNameError(
+            f"no layer {name!r} in layers_{side}" + (f"; did you mean {close}?" if close else f" ({names}).")
+        )
+
+    def __getitem__(self, key: tuple[str | int, str | int]) -> float:
+        """``m["layer1", "layer3"]``: the value of one pair, by names (or integer positions)."""
+        if not isinstance(key, tuple) or len(key) != 2:
+            raise RepsimError('index a SimilarityMap with a pair of layer names: m["layer_a", "layer_b"].')
+        i = self._index(key[0], self.layers_a, "a")
+        j = self._index(key[1], self.layers_b, "b")
+        return float(self.values[i, j])
+
+    def diagonal(self) -> torch.Tensor:
+        """Values of the pairs (i, i); the map must be square (e.g. one model against a copy or checkpoint)."""
+        if self.shape[0] != self.shape[1]:
+            raise InputShapeError(f"diagonal() needs a square map, this one is {self.shape[0]} x {self.shape[1]}.")
+        return torch.diagonal(self.values).clone()
+
+    def argmax_per_row(self) -> dict[str, str]:
+        """For each layer of A, the layer of B with the largest value (for similarities: the best match)."""
+        best = torch.argmax(self.values, dim=1).tolist()
+        return {a: self.layers_b[j] for a, j in zip(self.layers_a, best, strict=True)}
+
+    # --- serialization ---
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (matrices as nested lists of floats); :meth:`from_dict` inverts it exactly."""
+        return {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "measure": self.measure,
+            "estimator": self.estimator,
+            "layers_a": list(self.layers_a),
+            "layers_b": list(self.layers_b),
+            "values": _matrix_to_json(self.values),
+            "reduction": dict(self.reduction),
+            "n": self.n,
+            "dtype": self.dtype,
+            "seed": self.seed,
+            "fingerprints": dict(self.fingerprints),
+            "versions": dict(self.versions),
+            "intervals": None
+            if self.intervals is None
+            else {"low": _matrix_to_json(self.intervals[0]), "high": _matrix_to_json(self.intervals[1])},
+            "interval_level": self.interval_level,
+            "p_values": None if self.p_values is None else _matrix_to_json(self.p_values),
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SimilarityMap:
+        """Rebuild a map from :meth:`to_dict` output, checking the schema and version."""
+        if not isinstance(data, Mapping):
+            raise RepsimError(f"expected a dict written by SimilarityMap.to_dict(), got {type(data).__name__}.")
+        if data.get("schema") != SCHEMA:
+            raise RepsimError(
+                f"not a SimilarityMap document (schema={data.get('schema')!r}, expected {SCHEMA!r}); was it written "
+                "by SimilarityMap.save()?"
+            )
+        version = data.get("schema_version")
+        if not isinstance(version, int) or version < 1:
+            raise RepsimError(f"invalid schema_version {version!r}.")
+        if version > SCHEMA_VERSION:
+            raise RepsimError(
+                f"this map was written with schema version {version}, newer than this repsim_plugin understands "
+                f"({SCHEMA_VERSION}); upgrade repsim_plugin to read it."
+            )
+        missing = [k for k in ("measure", "layers_a", "layers_b", "values") if k not in data]
+        if missing:
+            raise RepsimError(f"the SimilarityMap document lacks the required field(s) {missing}.")
+        intervals = data.get("intervals")
+        if intervals is not None:
+            if not isinstance(intervals, Mapping) or set(intervals) != {"low", "high"}:
+                raise RepsimError('\'intervals\' must be null or {"low": matrix, "high": matrix}.')
+            intervals = (intervals["low"], intervals["high"])
+        return cls(
+            values=data["values"],
+            layers_a=data["layers_a"],
+            layers_b=data["layers_b"],
+            measure=data["measure"],
+            estimator=data.get("estimator", "captured"),
+            reduction=data.get("reduction") or {},
+            n=data.get("n", 0),
+            dtype=data.get("dtype", "float32"),
+            seed=data.get("seed"),
+            fingerprints=data.get("fingerprints") or {},
+            versions=data.get("versions") or {},
+            intervals=intervals,
+            interval_level=data.get("interval_level"),
+            p_values=data.get("p_values"),
+            extra=data.get("extra") or {},
+        )
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the map as JSON (atomically: temporary file + ``os.replace``); returns the path."""
+        path = Path(path)
+        text = self.to_json()
+        _atomic_write(path, lambda handle: handle.write(text))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SimilarityMap:
+        """Read a map written by :meth:`save`."""
+        path = Path(path)
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise RepsimError(f"{path} is not valid JSON ({err}); was it written by SimilarityMap.save()?") from None
+        return cls.from_dict(data)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SimilarityMap):
+            return NotImplemented
+        return self.to_dict() == other.to_dict() and bool(
+            torch.equal(torch.signbit(self.values), torch.signbit(other.values))
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"SimilarityMap({self.measure!r}, {self.shape[0]}x{self.shape[1]} layers, estimator={self.estimator!r}, "
+            f"n={self.n})"
+        )
+
+    # --- views ---
+    def to_dataframe(self) -> Any:
+        """Wide pandas DataFrame: index = layers_a, columns = layers_b (needs pandas)."""
+        try:
+            import pandas as pd
+        except ImportError as err:  # pragma: no cover - pandas is a dev dependency
+            raise ModuleNotFoundError("to_dataframe needs pandas: pip install pandas.") from err
+        frame = pd.DataFrame(
+            self.values.numpy().copy(),
+            index=pd.Index(self.layers_a, name="layer_a"),
+            columns=pd.Index(self.layers_b, name="layer_b"),
+        )
+        frame.attrs.update({"measure": self.measure, "estimator": self.estimator, "n": self.n})
+        return frame
+
+    def plot(
+        self,
+        path_or_ax: str | os.PathLike[str] | Any | None = None,
+        *,
+        annotate: bool | None = None,
+        cmap: str = "viridis",
+        vmin: float | None = None,
+        vmax: float | None = None,
+        title: str | None = None,
+        dpi: int = 120,
+    ) -> Any:
+        """Labelled heatmap (rows = layers of A, columns = layers of B) with a colorbar and the measure in the title.
+
+        ``path_or_ax``: a file path (the format from its suffix, written atomically; returns the Figure), a
+        matplotlib Axes to draw into (returns it), or None (returns a new Figure; no pyplot state is touched).
+        ``annotate``: write the values in the cells; by default only for maps of at most 256 cells.
+        """
+        from matplotlib.axes import Axes
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        La, Lb = self.shape
+        if isinstance(path_or_ax, Axes):
+            ax, fig = path_or_ax, path_or_ax.figure
+        else:
+            fig = Figure(figsize=(max(4.0, 1.2 + 0.45 * Lb), max(3.5, 1.2 + 0.4 * La)), dpi=dpi)
+            FigureCanvasAgg(fig)
+            ax = fig.add_subplot(1, 1, 1)
+        data = self.values.numpy()
+        image = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
+        ax.set_xticks(range(Lb), labels=self.layers_b, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(La), labels=self.layers_a, fontsize=8)
+        ax.set_xlabel(str(self.extra.get("model_b", "model B")) + " layers")
+        ax.set_ylabel(str(self.extra.get("model_a", "model A")) + " layers")
+        ax.set_title(title if title is not None else f"{self.measure}\n{self.estimator}, n={self.n}", fontsize=9)
+        fig.colorbar(image, ax=ax, label=self.measure)
+        if annotate is None:
+            annotate = La * Lb <= _ANNOTATE_MAX_CELLS
+        if annotate:
+            lo, hi = image.get_clim()
+            mid = (lo + hi) / 2
+            for i in range(La):
+                for j in range(Lb):
+                    ax.text(
+                        j,
+                        i,
+                        f"{data[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="black" if data[i, j] > mid else "white",
+                    )
+        if isinstance(path_or_ax, Axes):
+            return ax
+        fig.tight_layout()
+        if path_or_ax is not None:
+            path = Path(path_or_ax)
+            fmt = path.suffix.lstrip(".").lower() or "png"
+            _atomic_write(path, lambda handle: fig.savefig(handle, format=fmt), mode="wb")
+        return fig
