@@ -5,6 +5,11 @@ References are transformers' own ``output_hidden_states`` reduced in float64 by 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -257,3 +262,21 @@ def test_hf_vit_excludes_the_cls_token_from_the_mean() -> None:
         torch.testing.assert_close(mean.activations[name], hidden[i + 1][:, 1:].mean(1), rtol=0, atol=1e-6)
         torch.testing.assert_close(cls.activations[name], hidden[i + 1][:, 0], rtol=0, atol=1e-6)
     assert mean.policy["prefix_tokens"] == dict.fromkeys(layers, 1)
+
+
+def test_capture_minilm_example_runs() -> None:
+    script = Path(__file__).resolve().parents[1] / "examples" / "capture_minilm.py"
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    rows = [line.split() for line in lines if line.strip().startswith("encoder.layer.")]
+    assert len(rows) == 6
+    for i, row in enumerate(rows):
+        assert float(row[1 + i]) == pytest.approx(1.0, abs=1e-3)  # a block is identical to itself
+    assert any(line.startswith("largest change when padded") for line in lines)
