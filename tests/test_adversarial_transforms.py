@@ -45,8 +45,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::repsim_plugin.errors.SmallSampl
 
 
 def ref_cka(X: np.ndarray, Y: np.ndarray) -> float:
-    """Biased linear CKA from the definition: tr(K H L H) / sqrt(tr(K H K H) tr(L H L H))."""
+    """Biased linear CKA from the definition: tr(K H L H) / sqrt(tr(K H K H) tr(L H L H)).
+
+    The columns are centred before the Gram matrices are formed (H K H is unchanged): with a large offset, the
+    uncentred X X^T loses the signal to cancellation, as PAPER.md warns.
+    """
     X, Y = np.asarray(X, dtype=np.float64), np.asarray(Y, dtype=np.float64)
+    X, Y = X - X.mean(axis=0), Y - Y.mean(axis=0)
     n = X.shape[0]
     H = np.eye(n) - np.ones((n, n)) / n
     K, L = X @ X.T, Y @ Y.T
