@@ -22,6 +22,18 @@ from repsim_plugin.errors import RepsimError
 #: Layouts a layer output can have. "NLC": (batch, tokens, channels); "NCHW" / "NHWC": spatial maps.
 LAYOUTS: tuple[str, ...] = ("NLC", "NCHW", "NHWC")
 
+#: Input keys whose first dimension is the batch, checked in this order by ``Adapter.batch_size``.
+BATCH_KEYS: tuple[str, ...] = (
+    "input_ids",
+    "inputs_embeds",
+    "pixel_values",
+    "input_values",
+    "input_features",
+    "attention_mask",
+    "x",
+    "input",
+)
+
 #: Batch dict keys that hold targets, not model inputs.
 LABEL_KEYS: tuple[str, ...] = ("labels", "label")
 
@@ -116,6 +128,34 @@ class Adapter:
             mask = model_inputs.get("attention_mask")
             if isinstance(mask, torch.Tensor):
                 return mask
+        return None
+
+    def attention_mask_for(self, layer_name: str, model_inputs: Any) -> torch.Tensor | None:
+        """The padding mask that applies to one layer's tokens (encoder-decoder adapters pick the decoder's)."""
+        return self.attention_mask(model_inputs)
+
+    def batch_size(self, model_inputs: Any) -> int | None:
+        """Number of inputs in a batch (used to check that captured outputs keep the batch first), or None.
+
+        A tensor's first dimension; for a mapping, the first of the usual input keys, else its first tensor.
+        """
+        if isinstance(model_inputs, torch.Tensor):
+            return int(model_inputs.shape[0]) if model_inputs.dim() >= 1 else None
+        if isinstance(model_inputs, Mapping):
+            for key in BATCH_KEYS:
+                value = model_inputs.get(key)
+                if isinstance(value, torch.Tensor) and value.dim() >= 1:
+                    return int(value.shape[0])
+            for value in model_inputs.values():
+                found = self.batch_size(value)
+                if found is not None:
+                    return found
+            return None
+        if isinstance(model_inputs, Sequence) and not isinstance(model_inputs, str):
+            for value in model_inputs:
+                found = self.batch_size(value)
+                if found is not None:
+                    return found
         return None
 
     def main_output(self, output: Any) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from repsim_plugin.errors import RepsimError
@@ -73,3 +75,12 @@ class HuggingFaceAdapter(Adapter):
                 f"{sorted(counts) or 'num_hidden_layers'}); name the layers to capture explicitly"
             )
         return [f"{outer}.{index}" for outer in found for index in range(len(self.model.get_submodule(outer)))]
+
+    def attention_mask_for(self, layer_name: str, model_inputs: Any) -> torch.Tensor | None:
+        """Encoder-decoder models: layers under a ``decoder`` module use ``decoder_attention_mask`` (None when
+        the call has none: then every decoder position counts, as in the model itself)."""
+        is_encoder_decoder = bool(getattr(getattr(self.model, "config", None), "is_encoder_decoder", False))
+        if is_encoder_decoder and "decoder" in layer_name.split("."):
+            mask = model_inputs.get("decoder_attention_mask") if isinstance(model_inputs, Mapping) else None
+            return mask if isinstance(mask, torch.Tensor) else None
+        return self.attention_mask(model_inputs)

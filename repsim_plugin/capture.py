@@ -355,17 +355,6 @@ def reduce_output(
 # ----------------------------------------------------------------------------------------------------------------
 # the recorder
 # ----------------------------------------------------------------------------------------------------------------
-def _first_tensor(values: Iterable[Any]) -> torch.Tensor | None:
-    for value in values:
-        if isinstance(value, torch.Tensor) and value.dim() >= 1:
-            return value
-        if isinstance(value, Mapping):
-            found = _first_tensor(value.values())
-            if found is not None:
-                return found
-    return None
-
-
 def _in_backward() -> bool:
     try:
         return torch._C._current_graph_task_id() != -1
@@ -451,7 +440,7 @@ class Recorder:
         # per-forward state
         self._depth = 0
         self._pending: dict[str, list[torch.Tensor | None]] | None = None
-        self._mask: torch.Tensor | None = None
+        self._inputs: dict[str, Any] = {}
         self._batch_size: int | None = None
         # across forwards
         self._counts: dict[str, int] | None = None
@@ -499,6 +488,7 @@ class Recorder:
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def _bound_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The model call's arguments by parameter name (positional ones bound through the forward signature)."""
         if not args:
             return dict(kwargs)
         if self._signature is False:
@@ -511,19 +501,23 @@ class Recorder:
                 return dict(self._signature.bind_partial(*args, **kwargs).arguments)
             except TypeError:
                 pass
-        return dict(kwargs)
+        return {**{f"__arg{i}": value for i, value in enumerate(args)}, **kwargs}
 
     def _pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._depth += 1
         if self._depth > 1:
             return
         self._pending = {name: [] for name in self.modules}
+        self._inputs = self._bound_inputs(args, kwargs)
+        batch_size = self.adapter.batch_size(self._inputs)
+        if batch_size is None:
+            batch_size = self.adapter.batch_size(list(args))
+        self._batch_size = batch_size
+
+    def _mask_for(self, module_name: str) -> torch.Tensor | None:
         if self._explicit_mask is not None:
-            self._mask = self._explicit_mask
-        else:
-            self._mask = self.adapter.attention_mask(self._bound_inputs(args, kwargs))
-        first = _first_tensor((*args, *kwargs.values()))
-        self._batch_size = int(first.shape[0]) if first is not None else None
+            return self._explicit_mask
+        return self.adapter.attention_mask_for(module_name, self._inputs)
 
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if self._depth == 1:
@@ -534,7 +528,7 @@ class Recorder:
         self._depth = max(self._depth - 1, 0)
         if self._depth == 0:
             self._pending = None
-            self._mask = None
+            self._inputs = {}
 
     def _layer_hook(self, module_name: str) -> Callable[[nn.Module, Any, Any], None]:
         wanted = self._requests[module_name]
@@ -576,7 +570,7 @@ class Recorder:
             layout,
             tokens=self.tokens,
             spatial=self.spatial,
-            mask=self._mask,
+            mask=self._mask_for(module_name) if layout == "NLC" else None,
             prefix_tokens=prefix,
             layer=module_name,
         )

@@ -280,3 +280,34 @@ def test_capture_minilm_example_runs() -> None:
     for i, row in enumerate(rows):
         assert float(row[1 + i]) == pytest.approx(1.0, abs=1e-3)  # a block is identical to itself
     assert any(line.startswith("largest change when padded") for line in lines)
+
+
+def test_t5_decoder_blocks_use_the_decoder_mask() -> None:
+    config = transformers.T5Config(
+        vocab_size=100, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, decoder_start_token_id=0, pad_token_id=0
+    )
+    model = transformers.T5Model(config).eval()
+    expected_layers = [f"{part}.block.{i}" for part in ("encoder", "decoder") for i in range(2)]
+    assert for_model(model).default_layers() == expected_layers
+    batch = {
+        "input_ids": torch.randint(1, 100, (2, 6)),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]),
+        "decoder_input_ids": torch.randint(1, 100, (2, 6)),
+        "decoder_attention_mask": torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]]),
+    }
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+    with capture(model, ["encoder.block.0", "decoder.block.0"], tokens="mean") as rec:
+        model(**batch)
+    encoder = masked_mean64(out.encoder_hidden_states[1], batch["attention_mask"])
+    decoder = masked_mean64(out.decoder_hidden_states[1], batch["decoder_attention_mask"])
+    torch.testing.assert_close(rec.activations["encoder.block.0"].double(), encoder, rtol=0, atol=1e-6)
+    torch.testing.assert_close(rec.activations["decoder.block.0"].double(), decoder, rtol=0, atol=1e-6)
+
+
+def test_broadcast_position_ids_do_not_confuse_the_batch_check() -> None:
+    model = tiny_gpt2()
+    ids = torch.randint(0, 100, (3, 5))
+    with capture(model, "h.0", tokens="mean") as rec:
+        model(position_ids=torch.arange(5)[None], input_ids=ids)  # (1, L) first, the batch is 3
+    assert rec.activations["h.0"].shape == (3, 32) and rec.num_inputs == 3
