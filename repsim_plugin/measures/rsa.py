@@ -4,7 +4,8 @@ Each representation becomes a representational dissimilarity matrix (RDM) over t
 triangles (i < j, no diagonal) of the two RDMs are then compared by a correlation.
 
 RDMs: ``correlation`` (1 - Pearson correlation between two samples' feature vectors), ``euclidean``,
-``squared_euclidean`` and ``cosine`` (1 - cosine similarity of the raw rows). Comparisons: ``pearson``,
+``squared_euclidean`` (from direct differences, so that duplicated samples give exact zeros and exact ties)
+and ``cosine`` (1 - cosine similarity of the raw rows). Comparisons: ``pearson``,
 ``spearman`` (Pearson of average ranks, as ``scipy.stats.spearmanr``), ``kendall`` (tau-b, ties corrected, as
 ``scipy.stats.kendalltau``) and ``tau_a`` (no tie correction; the rsatoolbox default for RDMs with ties).
 Kendall's tau is computed in O(m log^2 m) for m = n(n-1)/2 entries (a merge count of discordant pairs), so it
@@ -20,7 +21,6 @@ from typing import Any
 import torch
 
 from ..errors import DegenerateInputError, RepsimError, UnknownNameError
-from .kernels import squared_distances
 from .registry import Measure, Spec, register_family
 
 RDMS = ("correlation", "euclidean", "squared_euclidean", "cosine")
@@ -58,9 +58,10 @@ def rdm_upper(X: torch.Tensor, method: str = "correlation", name: str = "X") -> 
         U = _unit_rows(X, name, "cosine")
         return 1.0 - (U @ U.T)[i, j]
     if method in ("euclidean", "squared_euclidean"):
-        D = squared_distances(X)[i, j]
-        # the square root is taken on the off-diagonal entries only: sqrt has no derivative at the zero diagonal
-        return D.sqrt() if method == "euclidean" else D
+        # direct differences, not |x|^2 + |y|^2 - 2 x.y: duplicated samples get exactly 0 and equal distances
+        # stay exactly equal, so the ties that rank comparisons see are the data's, not rounding's
+        D = torch.cdist(X, X, compute_mode="donot_use_mm_for_euclid_dist")[i, j]
+        return D if method == "euclidean" else D.square()
     raise UnknownNameError(f"unknown RDM {method!r}; choose one of {RDMS}.")
 
 
@@ -151,10 +152,11 @@ def kendall_tau(a: torch.Tensor, b: torch.Tensor, variant: str = "b") -> torch.T
     numerator = (concordant - discordant).to(a.dtype)
     if variant == "a":
         return numerator / total
-    denominator = ((total - ties_a) * (total - ties_b)).to(a.dtype)
+    # float before multiplying: the product of two pair counts overflows int64 from about 55,000 samples' RDMs
+    denominator = (total - ties_a).to(torch.float64) * (total - ties_b).to(torch.float64)
     if not bool(denominator > 0):
         raise DegenerateInputError("an RDM is constant, so Kendall's tau with another RDM is undefined.")
-    return numerator / torch.sqrt(denominator)
+    return numerator / torch.sqrt(denominator).to(a.dtype)
 
 
 def compare_rdms(a: torch.Tensor, b: torch.Tensor, method: str = "spearman") -> torch.Tensor:
