@@ -10,7 +10,7 @@ import difflib
 
 from torch import nn
 
-from repsim_plugin.errors import UnknownNameError
+from repsim_plugin.errors import RepsimError, UnknownNameError
 
 from .base import LAYOUTS, Adapter
 from .generic import GenericAdapter
@@ -51,7 +51,7 @@ def for_model(model: nn.Module, adapter: str | Adapter | type[Adapter] = "auto")
     """The adapter for ``model``: ``"auto"`` detects the family; a name, an ``Adapter`` class or instance forces one."""
     if isinstance(adapter, Adapter):
         if adapter.model is not model:
-            raise UnknownNameError("the adapter instance wraps another model; build it for this model")
+            raise RepsimError("the adapter instance wraps another model; build it for the captured model")
         return adapter
     if isinstance(adapter, type) and issubclass(adapter, Adapter):
         return adapter(model)

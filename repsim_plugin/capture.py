@@ -582,6 +582,16 @@ class Recorder:
             rows = rows.to(self.device)
         return rows
 
+    def _layer_names(self, counts: Mapping[str, int]) -> list[tuple[str, str, int]]:
+        """(layer name, module name, call index) in model order; ``name#k`` for modules run several times."""
+        names = []
+        for name in self.modules:
+            wanted = self._requests[name]
+            calls = sorted(wanted) if wanted is not None else list(range(counts[name]))
+            single = wanted is None and counts[name] == 1
+            names.extend((name if single else f"{name}#{k}", name, k) for k in calls)
+        return names
+
     def _finish_forward(self) -> None:
         pending = self._pending
         assert pending is not None
@@ -606,12 +616,7 @@ class Recorder:
             )
         if self._counts is None:
             self._counts = counts
-            self._names = []
-            for name, count in counts.items():
-                wanted = self._requests[name]
-                calls = sorted(wanted) if wanted is not None else list(range(count))
-                single = wanted is None and count == 1
-                self._names.extend((name if single else f"{name}#{k}", name, k) for k in calls)
+            self._names = self._layer_names(counts)
         batch: dict[str, torch.Tensor] = {}
         for layer_name, module_name, call in self._names:
             rows = pending[module_name][call]
@@ -700,7 +705,10 @@ class Recorder:
     # -- results -----------------------------------------------------------------------------------------------
     @property
     def layers(self) -> list[str]:
+        """Layer names in model order (known before any forward only when expected_calls covers every module)."""
         if self._counts is None:
+            if len(self._expected) == len(self.modules):
+                return [layer_name for layer_name, _, _ in self._layer_names(self._expected)]
             return list(self.modules)
         return [layer_name for layer_name, _, _ in self._names]
 

@@ -467,6 +467,10 @@ def test_a_module_called_twice_is_recorded_twice() -> None:
     assert rec.layers == ["block#0", "block#1"]
     torch.testing.assert_close(rec.activations["block#0"], first)
     torch.testing.assert_close(rec.activations["block#1"], second)
+    with capture(model, ["block", "inp"], expected_calls={"block": 2, "inp": 1}) as both:
+        assert both.layers == ["inp", "block#0", "block#1"]  # known before the first forward
+        model(x)
+    torch.testing.assert_close(both.activations["block#1"], second)
     with capture(model, ["block#1", "inp"], expected_calls={"block": 2}) as only_second:
         model(x)
     assert only_second.layers == ["inp", "block#1"]
@@ -759,3 +763,25 @@ IMPORT_SCRIPT = textwrap.dedent(
 def test_importing_and_capturing_never_imports_transformers_or_timm() -> None:
     result = subprocess.run([sys.executable, "-c", IMPORT_SCRIPT], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_adapter_can_be_forced_by_name_class_or_instance() -> None:
+    class ChannelsLast(GenericAdapter):
+        name = "channels-last"
+        spatial_layout = "NHWC"
+
+        def default_layers(self) -> list[str]:
+            return ["to_nhwc"]
+
+    model = ConvNet(channels_last_out=True)
+    x = torch.randn(2, 3, 4, 5)
+    with capture(model, adapter=ChannelsLast, spatial="mean") as rec:
+        out = model(x)
+    assert rec.layers == ["to_nhwc"] and rec.policy["layout"] == {"to_nhwc": "NHWC"}
+    assert rec.policy["adapter"] == "channels-last"
+    torch.testing.assert_close(rec.activations["to_nhwc"], out.mean((1, 2)))
+    instance = ChannelsLast(model)
+    assert for_model(model, instance) is instance
+    assert isinstance(for_model(model, "generic"), GenericAdapter)
+    with pytest.raises(RepsimError, match="another model"):
+        for_model(Net(), instance)
