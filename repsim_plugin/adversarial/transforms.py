@@ -307,7 +307,8 @@ def scale_for_target_cka(
         raise DegenerateInputError(
             f"moving these rows along this direction never brings linear CKA to {target:g}: its minimum over "
             f"c <= {max_scale:g} x the data scale is {float(values.min()):.4f} and Theorem 1's limit is {limit:.4f}. "
-            "Move another subset (a smaller one, or one whose mean lies further from the data mean)."
+            "Move another subset: the limit is smaller for fewer rows, and for rows whose mean lies closer to the "
+            "data mean."
         )
     first = int(below[0])
     if first == 0:
