@@ -37,8 +37,9 @@ from .measures.kernels import center_columns, cka_from_hsic, linear_hsic_unbiase
 
 ALTERNATIVES = ("greater", "less", "two-sided")
 METHODS = ("auto", "generic", "feature", "sample")
-#: rough cost of one gathered Gram entry relative to one multiply-add of a dense matrix product (CPU, float64)
-_GATHER_COST = 200
+#: rough cost of one gathered Gram entry relative to one multiply-add of a dense matrix product (CPU, float64,
+#: measured with benchmarks/bench_permutation.py)
+_GATHER_COST = 100
 #: float64 elements of permuted copies held at once by the vectorised path (8 MiB each million)
 _BATCH_ELEMENTS = 8 * 2**20
 
@@ -160,9 +161,17 @@ def _linear_cka_null(
             [torch.matmul(Yc[rows].transpose(1, 2), Xc).square().sum(dim=(1, 2)) for rows in index.split(batch)]
         )
     else:
+        # sum_ij K_ij L_{pi(i) pi(j)} = sum_ik K_{s(k) i} L_{pi(i) k} with s = pi^-1 (K is symmetric): two row
+        # gathers (contiguous copies) instead of a row and a column gather
         K, L = Xc @ Xc.T, Yc @ Yc.T
+        inverse = torch.argsort(index, dim=1)
         batch = max(1, _BATCH_ELEMENTS // (n * n))
-        cross = torch.cat([(K * L[rows[:, :, None], rows[:, None, :]]).sum(dim=(1, 2)) for rows in index.split(batch)])
+        cross = torch.cat(
+            [
+                (K[inv].transpose(1, 2) * L[rows]).sum(dim=(1, 2))
+                for rows, inv in zip(index.split(batch), inverse.split(batch), strict=True)
+            ]
+        )
     if kind == "gretton":  # the (n-1)^2 normalisations cancel in the ratio
         xx, yy = (Xc.T @ Xc).square().sum(), (Yc.T @ Yc).square().sum()
         return cka_from_hsic(cross, xx, yy)
