@@ -45,10 +45,11 @@ from typing import Any
 
 import torch
 
-from ._validation import check_matrix
+from ._validation import as_tensor, check_matrix
 from .errors import (
     DegenerateInputError,
     InputShapeError,
+    NonFiniteInputError,
     RepsimError,
     SmallSampleBiasWarning,
     TooFewSamplesError,
@@ -188,8 +189,36 @@ def _check_acts(acts: Any, arg: str) -> None:
             raise InputShapeError(f"{arg} has a key {key!r} of type {type(key).__name__}; layer names must be str.")
 
 
-def _validate_rows(acts: Acts, label: Callable[[str], str]) -> dict[str, torch.Tensor]:
-    return {name: check_matrix(value, label(name)) for name, value in acts.items()}
+def _validate_rows(acts: Acts, label: Callable[[str], str], *, finite: bool = True) -> dict[str, torch.Tensor]:
+    """``check_matrix`` every layer; ``finite=False`` defers the O(n d) NaN / Inf scan to :func:`_check_finite`."""
+    if finite:
+        return {name: check_matrix(value, label(name)) for name, value in acts.items()}
+    out = {}
+    for name, value in acts.items():
+        t = as_tensor(value, label(name))
+        check_matrix(t[:0] if t.ndim == 2 else t, label(name))  # dtype, shape, feature count; no element scan
+        out[name] = t
+    return out
+
+
+def _extremes(Xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Column minima and maxima (2, D) of each float64 batch; NaN and Inf propagate into them."""
+    return [torch.stack([X.amin(0), X.amax(0)]) for X in Xs]
+
+
+def _check_finite(
+    extremes: list[torch.Tensor], groups: Sequence[tuple[Callable[[str], str], dict[str, torch.Tensor]]]
+) -> None:
+    """NaN / Inf anywhere in a batch shows in its column extremes: one O(D) test, one device sync per update.
+
+    Only when it fails is each layer scanned by ``check_matrix``, for its detailed message.
+    """
+    if bool(torch.isfinite(torch.cat([e.reshape(-1) for e in extremes])).all()):
+        return
+    for label, acts in groups:
+        for name, t in acts.items():
+            check_matrix(t, label(name))
+    raise NonFiniteInputError("the batch contains NaN or Inf values.")  # pragma: no cover - check_matrix raised
 
 
 def _check_same_rows(groups: Sequence[tuple[Callable[[str], str], dict[str, torch.Tensor]]]) -> int:
@@ -406,11 +435,12 @@ class _Moments:
                     third += (
                         -_expand(s, lay) * d - 2.0 * Gd + 2.0 * _expand(fd, lay) * d + _expand(al, lay) * (F - n * d)
                     )
-        C.addr_(Fa, db, alpha=-1.0).addr_(da, Fb, alpha=-1.0).addr_(da, db, alpha=n)
+        # C - F_x d_y^T - d_x F_y^T + n d_x d_y^T as one rank-2 update: [d_x, -F_x] [n d_y - F_y, d_y]^T
+        C.addmm_(torch.stack([da, -Fa], 1), torch.stack([n * db - Fb, db]))
         if not same:
             for key, lay, d, F in (("a", A, da, Fa), ("b", B, db, Fb)):
                 for g, blk in zip(self.grams(key), lay.blocks(), strict=True):
-                    g.addr_(F[blk], d[blk], alpha=-1.0).addr_(d[blk], F[blk], alpha=-1.0).addr_(d[blk], d[blk], alpha=n)
+                    g.addmm_(torch.stack([d[blk], -F[blk]], 1), torch.stack([n * d[blk] - F[blk], d[blk]]))
         Fa.sub_(da, alpha=n)
         self.t["a.center"].add_(da)
         if not same:
@@ -426,16 +456,16 @@ class _Moments:
             self.recenter_(self.t["a.first"] / self.n, None if self.same else self.t["b.first"] / self.n)
 
     # adding data ----------------------------------------------------------------------------------------------------
-    def _add_rows_(self, XA: torch.Tensor, XB: torch.Tensor | None) -> None:
+    def _add_rows_(self, XA: torch.Tensor, XB: torch.Tensor | None, extremes: list[torch.Tensor]) -> None:
         """Add rows' moments around the current center (rows already float64 on the state's device)."""
         A = self.a
         XhA = XA - self.t["a.center"]
         XhB = XhA if self.same else XB - self.t["b.center"]
-        pairs = [("a", XA, XhA, A)] if self.same else [("a", XA, XhA, A), ("b", XB, XhB, self.b)]
-        for key, X, Xh, lay in pairs:
+        pairs = [("a", XhA, A)] if self.same else [("a", XhA, A), ("b", XhB, self.b)]
+        for (key, Xh, lay), ext in zip(pairs, extremes, strict=True):
             self.t[f"{key}.first"] += Xh.sum(0)
-            torch.minimum(self.t[f"{key}.min"], X.amin(0), out=self.t[f"{key}.min"])
-            torch.maximum(self.t[f"{key}.max"], X.amax(0), out=self.t[f"{key}.max"])
+            torch.minimum(self.t[f"{key}.min"], ext[0], out=self.t[f"{key}.min"])
+            torch.maximum(self.t[f"{key}.max"], ext[1], out=self.t[f"{key}.max"])
             if not self.same:
                 for g, blk in zip(self.grams(key), lay.blocks(), strict=True):
                     g.addmm_(Xh[:, blk].T, Xh[:, blk])
@@ -452,11 +482,16 @@ class _Moments:
                     self.t[f"{key}.third"] += (Xh * _expand(R, lay)).sum(0)
         self.n += XA.shape[0]
 
-    def update_(self, XA: torch.Tensor, XB: torch.Tensor | None) -> None:
-        """Chan / Welford step: move the state to the new running mean, then add the batch around it."""
+    def update_(self, XA: torch.Tensor, XB: torch.Tensor | None, extremes: list[torch.Tensor] | None = None) -> None:
+        """Chan / Welford step: move the state to the new running mean, then add the batch around it.
+
+        ``extremes``: per side the (2, D) column minima and maxima of the batch (computed here when not given).
+        """
         b = XA.shape[0]
         if b == 0:
             return
+        if extremes is None:
+            extremes = _extremes([XA] if self.same else [XA, XB])
         means = [XA.mean(0)] + ([] if self.same else [XB.mean(0)])
         if self.n == 0:
             new = means
@@ -470,7 +505,7 @@ class _Moments:
                 self.t["b.center"].copy_(new[1])
         else:
             self._move_to(new[0], None if self.same else new[1])
-        self._add_rows_(XA, XB)
+        self._add_rows_(XA, XB, extremes)
 
     def merge_(self, other: _Moments) -> None:
         if other.n == 0:
@@ -693,11 +728,12 @@ class LinearCKAMap(_Accumulator):
     def __init__(self, debiased: bool = False, *, same: bool | None = None, process_group: Any = None) -> None:
         super().__init__(process_group)
         self.debiased = _check_debiased(debiased)
-        if same not in (None, True, False):
+        if not (same is None or isinstance(same, bool)):
             raise RepsimError(f"same must be True, False or None, got {same!r}.")
         self._same_arg = same
         self.same: bool | None = same
         self._m: _Moments | None = None
+        self._device: torch.device | None = None
         self._labels = (_label_a, _label_b)
 
     # --- properties ---
@@ -760,22 +796,25 @@ class LinearCKAMap(_Accumulator):
             _check_acts(acts_b, "acts_b")
         la, lb = self._labels
         with torch.no_grad():
-            A = _validate_rows(acts_a, la)
+            A = _validate_rows(acts_a, la, finite=False)
             groups = [(la, A)]
             B = None
             if not self.same:
-                B = A if acts_b is acts_a else _validate_rows(acts_b, lb)
+                B = A if acts_b is acts_a else _validate_rows(acts_b, lb, finite=False)
                 groups.append((lb, B))
-            _check_same_rows(groups)
-            if self._m is None:
+            if _check_same_rows(groups) == 0:
+                return
+            m = self._m
+            if m is None:
                 lay_a = _Layout(tuple(A), tuple(int(t.shape[1]) for t in A.values()))
                 lay_b = None if self.same else _Layout(tuple(B), tuple(int(t.shape[1]) for t in B.values()))
-                device = next(iter(A.values())).device
-                self._m = _Moments(lay_a, lay_b, self.debiased, device)
-            m = self._m
+                m = _Moments(lay_a, lay_b, self.debiased, self._device or next(iter(A.values())).device)
             XA = _concat(_order_like(A, m.a, "acts_a"), m.device)
             XB = None if self.same else _concat(_order_like(B, m.b, "acts_b"), m.device)
-            m.update_(XA, XB)
+            extremes = _extremes([XA] if self.same else [XA, XB])
+            _check_finite(extremes, groups)
+            m.update_(XA, XB, extremes)
+            self._m = m
 
     def merge(self, other: LinearCKAMap) -> None:
         """Add the statistics of ``other`` (same layers and options; e.g. another shard): exact, order-free."""
@@ -891,6 +930,7 @@ class LinearCKAMap(_Accumulator):
 
     def to(self, device: torch.device | str) -> LinearCKAMap:
         """Move the state to ``device`` (later batches are moved there too); returns self."""
+        self._device = torch.device(device)
         if self._m is not None:
             self._m.t = {k: v.to(device) for k, v in self._m.t.items()}
         return self

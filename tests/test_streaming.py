@@ -618,3 +618,21 @@ def test_torchmetrics_wrapper():
         metric.update(X[:, :5], Y)
     with pytest.raises(RepsimError, match="positive int"):
         Metric_cls(0, 4)
+
+
+def test_non_finite_batch_is_rejected_before_any_state_changes():
+    acts = _layers(30, 19)
+    m = LinearCKAMap(True, same=True)
+    m.update({k: v[:20] for k, v in acts.items()})
+    before = m.state_dict()
+    for bad_value in (float("nan"), float("inf"), -float("inf")):
+        bad = {k: v[20:].clone() for k, v in acts.items()}
+        bad["z"][3, 2] = bad_value
+        with pytest.raises(NonFiniteInputError, match=r"acts_a\['z'\].*row 3"):
+            m.update(bad)
+    after = m.state_dict()
+    assert after["n"] == before["n"] == 20
+    for key, value in before["tensors"].items():
+        assert torch.equal(value, after["tensors"][key]), key
+    m.update({k: v[20:] for k, v in acts.items()})
+    assert float(m.compute()[0, 2]) == pytest.approx(textbook(acts["x"], acts["z"], True), abs=TOL)
