@@ -1,7 +1,7 @@
 """repsim-plugin: compare neural network representations, and audit how far the comparison can be trusted.
 
-The public API is loaded lazily: ``import repsim_plugin`` imports torch and the measure registry only, never
-transformers or timm.
+``import repsim_plugin`` never imports transformers or timm; the heavier submodules (stats, adversarial, testing,
+the adapters' model families) load on first use.
 """
 
 from __future__ import annotations
@@ -10,7 +10,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from . import errors, measures
+
+# ``capture`` and ``compare`` are both submodules and functions. Binding the functions here, after the submodules
+# are loaded, keeps ``rp.capture(...)`` / ``rp.compare(...)`` callable however the submodules are imported later
+# (Python sets a package attribute to the submodule only when it first loads it). Neither imports transformers or
+# timm.
+from .capture import capture
+from .compare import compare, compare_checkpoints
 from .errors import RepsimError
+from .results import SimilarityMap
 
 __version__ = "0.1.0"
 
@@ -21,13 +29,19 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "stats": ("repsim_plugin.stats", None),
     "adversarial": ("repsim_plugin.adversarial", None),
     "adapters": ("repsim_plugin.adapters", None),
-    "capture": ("repsim_plugin.capture", "capture"),
-    "compare": ("repsim_plugin.compare", "compare"),
-    "compare_checkpoints": ("repsim_plugin.compare", "compare_checkpoints"),
-    "SimilarityMap": ("repsim_plugin.results", "SimilarityMap"),
 }
 
-__all__ = ["RepsimError", "errors", "measures", "similarity", *_LAZY]
+__all__ = [
+    "RepsimError",
+    "SimilarityMap",
+    "capture",
+    "compare",
+    "compare_checkpoints",
+    "errors",
+    "measures",
+    "similarity",
+    *_LAZY,
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

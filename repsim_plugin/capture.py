@@ -17,8 +17,6 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
-import sys
-import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -817,15 +815,3 @@ def capture(
         layout=layout,
         eval_mode=eval_mode,
     )
-
-
-class _CallableModule(types.ModuleType):
-    """``repsim_plugin.capture`` is both this module and the function: importing the submodule (``from
-    repsim_plugin.capture import Recorder``) makes Python set the package attribute ``rp.capture`` to the
-    module, so the module forwards calls to :func:`capture` to keep ``rp.capture(model, ...)`` working."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Recorder:
-        return capture(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -45,3 +45,11 @@ class SmallSampleBiasWarning(RepsimWarning):
 
 class PluginLoadWarning(RepsimWarning):
     """A third-party measure plugin could not be loaded; the rest of the registry still works."""
+
+
+class EstimatorChoiceWarning(RepsimWarning):
+    """``estimator="auto"`` chose an approximate estimator (minibatch CKA) because the exact one does not fit."""
+
+
+class MemoryBudgetError(RepsimError):
+    """The chosen estimator or measure needs more memory than the budget allows."""

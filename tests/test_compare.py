@@ -1,0 +1,283 @@
+"""compare / compare_checkpoints through the whole hook pipeline, on real trained networks (sklearn digits)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from digits_models import load_digits_split, train_digits_cnn
+from torch import nn
+
+import repsim_plugin as rp
+from repsim_plugin.compare import choose_estimator, load_checkpoint, parse_bytes
+from repsim_plugin.errors import EstimatorChoiceWarning, MemoryBudgetError, RepsimError
+
+LAYERS = ["conv1", "relu2", "fc1", "relu3", "fc2"]
+
+
+@pytest.fixture(scope="module")
+def cnns():
+    a, _ = train_digits_cnn(seed=0)
+    b, _ = train_digits_cnn(seed=1)
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def batches():
+    _, _, Xte, yte = load_digits_split()
+    X, y = Xte[:200], yte[:200]
+    return [(X[i : i + 32], y[i : i + 32]) for i in range(0, 200, 32)]  # 7 batches, the last one of 8
+
+
+def _activations(model: nn.Module, batches, layers=LAYERS) -> dict[str, torch.Tensor]:
+    with rp.capture(model, layers) as rec:
+        for x, _ in batches:
+            model(x)
+    return rec.activations
+
+
+def _direct_map(model_a, model_b, batches, measure: str) -> torch.Tensor:
+    A, B = _activations(model_a, batches), _activations(model_b, batches)
+    m = rp.measures.make(measure)
+    return torch.tensor([[float(m(A[i], B[j])) for j in LAYERS] for i in LAYERS], dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("measure", "estimator"),
+    [
+        ("cka", "feature_streaming"),
+        ("cka", "sample_space"),
+        ("debiased_cka", "feature_streaming"),
+        ("debiased_cka", "sample_space"),
+        ("debiased_cka", "minibatch"),
+        ("rbf_cka", "captured"),
+        ("cka", "auto"),
+    ],
+)
+def test_self_comparison_has_unit_diagonal(cnns, batches, measure, estimator):
+    model, _ = cnns
+    result = rp.compare(model, model, batches, LAYERS, measure=measure, estimator=estimator, progress=False)
+    assert result.layers_a == result.layers_b == LAYERS
+    assert torch.allclose(result.values.diagonal(), torch.ones(len(LAYERS), dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(result.values, result.values.T, atol=1e-12)
+    assert result.n == 200 and result.fingerprints["a"] == result.fingerprints["b"]
+
+
+@pytest.mark.parametrize(
+    ("measure", "estimator"),
+    [
+        ("cka", "feature_streaming"),
+        ("cka", "sample_space"),
+        ("debiased_cka", "feature_streaming"),
+        ("debiased_cka", "sample_space"),
+        ("rbf_cka", "captured"),
+        ("procrustes", "captured"),
+    ],
+)
+def test_map_equals_the_measure_on_captured_activations(cnns, batches, measure, estimator):
+    a, b = cnns
+    result = rp.compare(a, b, batches, LAYERS, LAYERS, measure=measure, estimator=estimator, progress=False)
+    expected = _direct_map(a, b, batches, measure)
+    assert torch.allclose(result.values, expected, atol=1e-10, rtol=0)
+    assert result.estimator == estimator and result.measure == rp.measures.make(measure).id
+    assert result.fingerprints["a"] != result.fingerprints["b"]
+
+
+def test_minibatch_estimator_sums_hsics_per_batch(cnns, batches):
+    """Minibatch CKA (Nguyen et al. 2021) from a textbook loop: sum the unbiased HSICs, normalise at the end."""
+    from reference import hsic_unbiased_numpy
+
+    a, b = cnns
+    result = rp.compare(a, b, batches[:-1], ["relu2"], ["relu3"], "debiased_cka", estimator="minibatch", progress=False)
+    xy = xx = yy = 0.0
+    for x, _ in batches[:-1]:
+        A = _activations(a, [(x, None)], ["relu2"])["relu2"].double().numpy()
+        B = _activations(b, [(x, None)], ["relu3"])["relu3"].double().numpy()
+        K, L = A @ A.T, B @ B.T
+        xy, xx, yy = xy + hsic_unbiased_numpy(K, L), xx + hsic_unbiased_numpy(K, K), yy + hsic_unbiased_numpy(L, L)
+    assert float(result.values[0, 0]) == pytest.approx(xy / (xx * yy) ** 0.5, abs=1e-10)
+
+
+def test_one_forward_per_model_per_batch(cnns, batches):
+    a, b = cnns
+    calls = {"a": 0, "b": 0}
+    handles = [
+        a.register_forward_hook(lambda *_: calls.__setitem__("a", calls["a"] + 1)),
+        b.register_forward_hook(lambda *_: calls.__setitem__("b", calls["b"] + 1)),
+    ]
+    try:
+        rp.compare(a, b, batches, LAYERS, LAYERS, progress=False)
+        assert calls == {"a": len(batches), "b": len(batches)}
+        rp.compare(a, a, batches, LAYERS, progress=False)  # the same model on both sides runs once per batch
+        assert calls["a"] == 2 * len(batches)
+        rp.compare(a, None, batches, ["conv1", "relu2"], ["fc1", "fc2"], progress=False)  # two layer sets, one pass
+        assert calls["a"] == 3 * len(batches)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_one_model_two_layer_sets_slices_the_full_map(cnns, batches):
+    a, _ = cnns
+    full = rp.compare(a, a, batches, LAYERS, progress=False)
+    part = rp.compare(a, None, batches, ["conv1", "relu2"], ["fc1", "fc2"], progress=False)
+    assert part.layers_a == ["conv1", "relu2"] and part.layers_b == ["fc1", "fc2"]
+    assert torch.allclose(part.values, full.values[:2, [2, 4]], atol=1e-12)
+
+
+def test_models_are_left_exactly_as_they_were(cnns, batches):
+    a, b = cnns
+    a.train()
+    b.fc1.train(False)
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    flags = [(m, m.training) for m in [*a.modules(), *b.modules()]]
+    hooks = [(m, len(m._forward_hooks), len(m._forward_pre_hooks)) for m in [*a.modules(), *b.modules()]]
+    rp.compare(a, b, batches, LAYERS, LAYERS, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in a.state_dict().items())
+    assert all(m.training == t for m, t in flags)
+    assert all((len(m._forward_hooks), len(m._forward_pre_hooks)) == (f, p) for m, f, p in hooks)
+    assert torch.is_grad_enabled()
+    a.eval()
+    b.eval()
+
+
+def test_samples_are_checked_not_assumed(cnns, batches):
+    a, b = cnns
+    same_order = [(x.clone(), y.clone()) for x, y in batches]
+    reference = rp.compare(a, b, batches, LAYERS, LAYERS, progress=False)
+    with_own_stream = rp.compare(a, b, batches, LAYERS, LAYERS, data_b=same_order, progress=False)
+    assert torch.equal(reference.values, with_own_stream.values)
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(0))
+    shuffled = [(x[perm], y[perm]) if i == 0 else (x, y) for i, (x, y) in enumerate(batches)]
+    with pytest.raises(RepsimError, match="different labels"):
+        rp.compare(a, b, batches, LAYERS, LAYERS, data_b=shuffled, progress=False)
+    with pytest.raises(RepsimError, match="different numbers of rows"):
+        rp.compare(a, b, batches, LAYERS, LAYERS, data_b=[(x[:-1], y[:-1]) for x, y in batches], progress=False)
+    with pytest.raises(ValueError, match="zip"):  # streams of different lengths
+        rp.compare(a, b, batches, LAYERS, LAYERS, data_b=batches[:-1], progress=False)
+    with pytest.raises(RepsimError, match="must yield labels"):
+        rp.compare(a, b, [x for x, _ in batches], LAYERS, LAYERS, data_b=[x for x, _ in batches], progress=False)
+
+
+def test_result_provenance_and_round_trip(cnns, batches, tmp_path):
+    a, b = cnns
+    result = rp.compare(a, b, batches, LAYERS, LAYERS, measure="debiased_cka", seed=3, progress=False)
+    assert result.reduction["tokens"] == "mean" and result.reduction["spatial"] == "flatten"
+    assert result.reduction["layout"]["conv1"] == "NCHW"
+    assert result.dtype == "float32" and result.seed == 3
+    assert result.extra["estimator_reason"] and len(result.extra["data_fingerprint"]) == 64
+    assert result.fingerprints["a"] == rp.adapters.for_model(a).fingerprint()
+    loaded = rp.SimilarityMap.load(result.save(tmp_path / "map.json"))
+    assert loaded == result and torch.equal(loaded.values, result.values)
+    png = result.plot(tmp_path / "map.png")
+    assert (tmp_path / "map.png").stat().st_size > 1000 and png is not None
+
+
+def test_auto_estimator_choices_and_budget(cnns, batches):
+    a, b = cnns
+    cka = rp.measures.make("cka")
+    # wide layers, few samples: the n x n form
+    plan = choose_estimator(cka, [([20000, 30000], [20000])], n_estimate=200, batch_size=32, itemsize=4)
+    assert plan.estimator == "sample_space"
+    # narrow layers, many samples: feature-space statistics
+    plan = choose_estimator(cka, [([64, 128], [64])], n_estimate=10**6, batch_size=32, itemsize=4)
+    assert plan.estimator == "feature_streaming"
+    # neither exact form fits: minibatch, announced
+    with pytest.warns(EstimatorChoiceWarning, match="minibatch"):
+        result = rp.compare(a, b, batches, ["relu2"], ["relu3"], memory_budget=20_000, progress=False)
+    assert result.estimator == "minibatch" and "budget" in result.extra["estimator_reason"]
+    with pytest.raises(MemoryBudgetError, match="memory budget"):
+        rp.compare(a, b, batches, LAYERS, LAYERS, estimator="feature_streaming", memory_budget="1MB", progress=False)
+    with pytest.raises(MemoryBudgetError, match="kept activations"):
+        rp.compare(a, b, batches, LAYERS, LAYERS, measure="procrustes", memory_budget="100kB", progress=False)
+    with pytest.raises(RepsimError, match="linear CKA only"):
+        rp.compare(a, b, batches, LAYERS, LAYERS, measure="rbf_cka", estimator="sample_space", progress=False)
+    assert parse_bytes("2GiB") == 2 * 2**30 and parse_bytes(1000) == 1000
+    with pytest.raises(RepsimError, match="memory_budget"):
+        parse_bytes("lots")
+
+
+def test_max_batches_progress_and_empty_data(cnns, batches, capsys):
+    a, b = cnns
+    result = rp.compare(a, b, batches, ["fc1"], ["fc1"], max_batches=2, progress=True)
+    assert result.n == 64
+    with pytest.raises(RepsimError, match="no batches"):
+        rp.compare(a, b, [], ["fc1"], ["fc1"], progress=False)
+    with pytest.raises(RepsimError, match="max_batches"):
+        rp.compare(a, b, batches, ["fc1"], ["fc1"], max_batches=0, progress=False)
+
+
+def test_huggingface_models_with_dict_batches():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64
+    )
+    a, b = BertModel(config).eval(), BertModel(config).eval()
+    g = torch.Generator().manual_seed(1)
+    data = []
+    for _ in range(4):
+        ids = torch.randint(1, 100, (8, 12), generator=g)
+        mask = torch.ones(8, 12, dtype=torch.long)
+        mask[:4, 8:] = 0  # padded sentences
+        data.append({"input_ids": ids, "attention_mask": mask})
+    self_map = rp.compare(a, a, data, progress=False)
+    assert self_map.layers_a == [f"encoder.layer.{i}" for i in range(3)]
+    assert torch.allclose(self_map.values.diagonal(), torch.ones(3, dtype=torch.float64), atol=1e-6)
+    cross = rp.compare(a, b, data, measure="debiased_cka", progress=False)
+    with rp.capture(a) as rec_a, rp.capture(b) as rec_b:
+        for batch in data:
+            a(**batch)
+            b(**batch)
+    expected = rp.similarity(rec_a.activations["encoder.layer.2"], rec_b.activations["encoder.layer.1"], "debiased_cka")
+    assert float(cross["encoder.layer.2", "encoder.layer.1"]) == pytest.approx(expected, abs=1e-10)
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------------
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("pickle code ran",))
+
+
+def test_compare_checkpoints_all_pairs_and_reference(cnns, batches, tmp_path):
+    from digits_models import build_digits_cnn
+    from safetensors.torch import save_file
+
+    a, b = cnns
+    c, _ = train_digits_cnn(seed=2)
+    save_file(a.state_dict(), tmp_path / "a.safetensors")
+    torch.save(b.state_dict(), tmp_path / "b.pt")
+    torch.save({"state_dict": c.state_dict(), "epoch": 3}, tmp_path / "c.pt")  # a training checkpoint
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.pt", tmp_path / "c.pt"]
+    maps = rp.compare_checkpoints(build_digits_cnn, paths, batches, layers=LAYERS, progress=False)
+    assert set(maps) == {("a.safetensors", "b.pt"), ("a.safetensors", "c.pt"), ("b.pt", "c.pt")}
+    direct = rp.compare(b, c, batches, LAYERS, LAYERS, progress=False)
+    assert torch.allclose(maps[("b.pt", "c.pt")].values, direct.values, atol=1e-12)
+    assert maps[("b.pt", "c.pt")].fingerprints == direct.fingerprints
+    assert maps[("a.safetensors", "b.pt")].extra["checkpoint_a"].endswith("a.safetensors")
+    ref = rp.compare_checkpoints(build_digits_cnn, paths, batches, reference="b.pt", layers=LAYERS, progress=False)
+    assert set(ref) == {("b.pt", "a.safetensors"), ("b.pt", "c.pt")}
+    assert torch.allclose(ref[("b.pt", "c.pt")].values, direct.values, atol=1e-12)
+
+
+def test_checkpoints_never_run_pickle_code(tmp_path, capsys):
+    from digits_models import build_digits_cnn
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"fc1.weight": _Payload()}, evil)  # a torch file whose unpickling would run code
+    with pytest.raises(RepsimError, match="weights_only"):
+        load_checkpoint(evil)
+    assert "pickle code ran" not in capsys.readouterr().out
+    torch.save({"weights": [1, 2]}, tmp_path / "notes.pt")
+    with pytest.raises(RepsimError, match="does not hold a state dict"):
+        load_checkpoint(tmp_path / "notes.pt")
+    with pytest.raises(RepsimError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    torch.save(nn.Linear(3, 2).state_dict(), tmp_path / "other.pt")
+    torch.save(nn.Linear(3, 2).state_dict(), tmp_path / "other2.pt")
+    with pytest.raises(RepsimError, match="does not fit"):
+        rp.compare_checkpoints(build_digits_cnn, [tmp_path / "other.pt", tmp_path / "other2.pt"], [], progress=False)
+    with pytest.raises(RepsimError, match="given twice"):
+        rp.compare_checkpoints(build_digits_cnn, [tmp_path / "other.pt", tmp_path / "other.pt"], [], progress=False)
