@@ -110,8 +110,8 @@ def main() -> None:
             f"max |diff| vs naive {agreement:.1e} | p = {row['p_value']:.4f}"
         )
     print(
-        f"method='auto' picks the {'sample' if 100 * args.n < args.d * args.d else 'feature'}-space form here "
-        "(sample space when 100 n < p q)."
+        f"method='auto' picks the {'sample' if 400 * args.n < args.d * args.d else 'feature'}-space form here "
+        "(sample space when 400 n < p q)."
     )
     if args.json:
         with open(args.json, "w") as f:
