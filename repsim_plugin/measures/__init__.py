@@ -20,6 +20,7 @@ from .registry import (
     register_family,
     unregister,
 )
+from .table import measures_table_markdown
 
 #: ``rp.measures.list("cka*")``: canonical ids matching a glob (the public name of :func:`list_measures`).
 list = list_measures
@@ -34,6 +35,7 @@ __all__ = [
     "list_measures",
     "load_plugins",
     "make",
+    "measures_table_markdown",
     "register",
     "register_family",
     "unregister",
