@@ -503,6 +503,24 @@ def _make_side(
     return side
 
 
+def _world() -> tuple[int, Any]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist
+    return 1, None
+
+
+def _global_count(n: int, device: torch.device | None) -> int:
+    """Samples over all torch.distributed ranks (each rank saw its own shard); ``n`` when not distributed."""
+    world, dist = _world()
+    if world == 1:
+        return n
+    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    total = torch.tensor([n], dtype=torch.int64, device=backend_device or device or "cpu")
+    dist.all_reduce(total)
+    return int(total.item())
+
+
 def _result(engine: _Engine, pair: _Pair, *, seed: int | None, extra: Mapping[str, Any]) -> SimilarityMap:
     values, names_a, names_b = engine.compute(pair)
     side_a, side_b = engine.sides[pair.i], engine.sides[pair.j]
@@ -516,7 +534,7 @@ def _result(engine: _Engine, pair: _Pair, *, seed: int | None, extra: Mapping[st
         measure=engine.measure.id,
         estimator=engine.plan.estimator,
         reduction=reduction,
-        n=side_a.n,
+        n=_global_count(side_a.n, None),
         dtype=str(engine.dtype).replace("torch.", ""),
         seed=seed,
         fingerprints={"a": side_a.recorder.adapter.fingerprint(), "b": side_b.recorder.adapter.fingerprint()},
@@ -525,6 +543,7 @@ def _result(engine: _Engine, pair: _Pair, *, seed: int | None, extra: Mapping[st
             "model_b": side_b.label,
             "estimator_reason": engine.plan.reason,
             "data_fingerprint": side_a.data_hash.hexdigest(),
+            "world_size": _world()[0],
             **extra,
         },
     )
