@@ -109,28 +109,47 @@ def test_bootstrap_resamples_rows_jointly_and_is_reproducible():
     a = bootstrap_ci("debiased_cka", X, Y, n_boot=200, alpha=0.1, seed=2)
     b = bootstrap_ci("debiased_cka", X, Y, n_boot=200, alpha=0.1, seed=2)
     torch.testing.assert_close(a.samples, b.samples)
-    assert a.low < a.estimate < a.high
-    assert a.low == pytest.approx(float(torch.quantile(a.samples, 0.05)))
+    assert a.estimate == pytest.approx(rp.similarity(X, Y, "debiased_cka"))
+    assert (a.resample, a.interval) == ("rows", "centered")
+    centred = a.samples - a.samples.median()
+    assert a.low == pytest.approx(a.estimate + float(torch.quantile(centred, 0.05)))
+    assert a.high == pytest.approx(a.estimate + float(torch.quantile(centred, 0.95)))
+    assert a.low <= a.estimate <= a.high
+    assert a.shift == pytest.approx(float(a.samples.median()) - a.estimate)
+    p = bootstrap_ci("debiased_cka", X, Y, n_boot=200, alpha=0.1, seed=2, interval="percentile")
+    assert p.low == pytest.approx(float(torch.quantile(p.samples, 0.05)))
+    assert p.high - p.low == pytest.approx(a.high - a.low)  # same replicates, same width
     wide = bootstrap_ci("debiased_cka", X, Y, n_boot=200, alpha=0.01, seed=2)
     assert wide.low <= a.low and wide.high >= a.high
-    assert a.estimate == pytest.approx(rp.similarity(X, Y, "debiased_cka"))
+    half = bootstrap_ci("debiased_cka", X, Y, n_boot=50, seed=3, resample="half")
+    assert half.resample == "half" and half.low <= half.estimate <= half.high
 
 
-def test_bootstrap_interval_covers_the_population_value_most_of_the_time():
-    # population: Y = X B + noise with known structure; the full-sample mean squared CCA of a large draw stands in
+def test_duplicated_rows_shift_cka_replicates_and_centred_intervals_still_cover():
+    """Debiased CKA with d comparable to n: resampled rows inflate every replicate (duplicates enter the
+    U-statistic as independent pairs), so the classic percentile interval misses; centred intervals cover."""
     g = torch.Generator().manual_seed(11)
-    B = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    B = torch.randn(20, 20, generator=g, dtype=torch.float64)
 
     def draw(n):
-        X = torch.randn(n, 3, generator=g, dtype=torch.float64)
-        return X, X @ B + 2.0 * torch.randn(n, 3, generator=g, dtype=torch.float64)
+        X = torch.randn(n, 20, generator=g, dtype=torch.float64)
+        return X, torch.tanh(X @ B / 4) + torch.randn(n, 20, generator=g, dtype=torch.float64)
 
-    truth = rp.similarity(*draw(50_000), "mean_sq_cca")
-    covered = sum(
-        (lambda r: r.low <= truth <= r.high)(bootstrap_ci("mean_sq_cca", *draw(80), n_boot=150, seed=s))
-        for s in range(40)
-    )
-    assert covered >= 30  # nominal 95%: 38 of 40; percentile intervals at n = 80 undercover a little
+    m = rp.measures.make("debiased_cka")
+    truth = float(torch.stack([m(*draw(80)) for _ in range(200)]).mean())  # the estimator is nearly unbiased
+    covered = {("rows", "centered"): 0, ("rows", "percentile"): 0, ("half", "centered"): 0}
+    shifts = []
+    for s in range(25):
+        X, Y = draw(80)
+        for resample, interval in covered:
+            r = bootstrap_ci(m, X, Y, n_boot=100, seed=s, resample=resample, interval=interval)
+            covered[resample, interval] += r.low <= truth <= r.high
+            if resample == "rows":
+                shifts.append(r.shift)
+    assert np.mean(shifts) > 0.05  # replicates sit far above the estimate
+    assert covered["rows", "percentile"] <= 5  # so the classic interval almost never covers
+    assert covered["rows", "centered"] >= 21  # nominal 95%: ~24 of 25
+    assert covered["half", "centered"] >= 21
 
 
 def test_null_baseline_shows_the_inflation_of_biased_cka():
@@ -166,6 +185,12 @@ def test_errors():
         bootstrap_ci("cka", X, Y, alpha=1.5)
     with pytest.raises(RepsimError, match="positive integer"):
         null_baseline("cka", n=0, d1=3)
+    with pytest.raises(RepsimError, match="resample must be"):
+        bootstrap_ci("cka", X, Y, resample="jackknife")
+    with pytest.raises(RepsimError, match="interval must be"):
+        bootstrap_ci("cka", X, Y, interval="bca")
+    with pytest.raises(RepsimError, match="half-sampling draws 2"):
+        bootstrap_ci("debiased_cka", X[:5], Y[:5], resample="half")
     with pytest.raises(RepsimError, match="bootstrap resample"):
         # two distinct rows: some resample repeats one row only, and a constant representation is degenerate
         bootstrap_ci("cka", X[:2], Y[:2], n_boot=50)
