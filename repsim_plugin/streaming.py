@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -269,8 +270,16 @@ def _warn_bias(n: int, la: _Layout, lb: _Layout) -> None:
             f"independent random features of this shape already score about {null:.2f}. Use debiased=True or "
             "more samples.",
             SmallSampleBiasWarning,
-            stacklevel=4,
+            stacklevel=_caller_level(),
         )
+
+
+def _caller_level() -> int:
+    """``stacklevel`` that points a warning at the first frame outside this module (the user's call)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__") == __name__:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 # --- the moment state -----------------------------------------------------------------------------------------------

@@ -453,6 +453,9 @@ def test_small_sample_warning_for_biased_streaming():
         with pytest.raises(SmallSampleBiasWarning, match="debiased=True"):
             acc.compute()
         stream(X, Y, 4, True).compute()  # the debiased form does not warn
+    with pytest.warns(SmallSampleBiasWarning) as record:
+        acc.compute()
+    assert record[0].filename == __file__  # points at the caller, not inside the library
 
 
 def test_public_api_exposes_streaming_lazily():
