@@ -18,6 +18,8 @@ References: Hotelling 1936; Raghu et al. 2017 (SVCCA); Morcos et al. 2018 (PWCCA
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Any
 
@@ -74,7 +76,19 @@ def column_basis(X: torch.Tensor, name: str = "X") -> tuple[torch.Tensor, torch.
     return U[:, :r], S[:r]
 
 
-def warn_if_trivial(n: int, rank_x: int, rank_y: int, what: str = "canonical correlations", stacklevel: int = 4):
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def user_stacklevel() -> int:
+    """``stacklevel`` for ``warnings.warn`` called in the caller of this function that points at the first frame
+    outside repsim_plugin, so a warning names the user's line whatever the depth of the call chain."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_if_trivial(n: int, rank_x: int, rank_y: int, what: str = "canonical correlations") -> None:
     """Warn when the sample count forces ``rank_x + rank_y - (n - 1)`` correlations to 1."""
     forced = rank_x + rank_y - (n - 1)
     if forced > 0:
@@ -84,7 +98,7 @@ def warn_if_trivial(n: int, rank_x: int, rank_y: int, what: str = "canonical cor
             f"equal 1 whatever the data (rank X + rank Y > n - 1 = {n - 1}), so the value is inflated. "
             "Use more samples than features, or reduce the dimension first (e.g. make('svcca', dims=...)).",
             TrivialCorrelationWarning,
-            stacklevel=stacklevel,
+            stacklevel=user_stacklevel(),
         )
 
 
@@ -117,7 +131,9 @@ def mean_cca(X: torch.Tensor, Y: torch.Tensor, *, squared: bool = False) -> torc
     return _correlations_from_bases(Ux, Uy).sum() / k
 
 
-def _leading_directions(U: torch.Tensor, S: torch.Tensor, keep: float | None, dims: int | None, name: str):
+def _leading_directions(
+    U: torch.Tensor, S: torch.Tensor, keep: float | None, dims: int | None, name: str
+) -> torch.Tensor:
     if dims is not None:
         if dims > U.shape[1]:
             raise DegenerateInputError(
@@ -327,5 +343,6 @@ __all__ = [
     "numerical_rank",
     "pwcca",
     "svcca",
+    "user_stacklevel",
     "warn_if_trivial",
 ]
