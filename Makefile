@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(PY) -m repsim_plugin.demo --out out
 
 test: $(STAMP)
 	$(PY) -m pytest
