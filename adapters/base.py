@@ -9,8 +9,6 @@ transformers or timm.
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -179,26 +177,11 @@ class Adapter:
 
     # -- identity --------------------------------------------------------------------------------------------
     def fingerprint(self) -> str:
-        """sha256 of the state dict: every entry's name, dtype, shape and raw bytes, in state-dict order.
+        """``sha256:...`` of the state dict (names, dtypes, shapes, raw bytes): see
+        :func:`repsim_plugin.results.state_dict_fingerprint`. Equal weights give equal fingerprints on any device."""
+        from repsim_plugin.results import state_dict_fingerprint
 
-        Equal weights give equal fingerprints whatever the device; any changed value, name, shape or dtype
-        changes it.
-        """
-        digest = hashlib.sha256()
-        for key, value in self.model.state_dict().items():
-            digest.update(key.encode())
-            digest.update(b"\0")
-            if not isinstance(value, torch.Tensor):  # extra state
-                digest.update(repr(value).encode())
-                continue
-            tensor = value.detach()
-            if tensor.is_meta:
-                raise RepsimError(f"state dict entry {key!r} is on the meta device; load the weights first")
-            digest.update(str(tensor.dtype).encode())
-            digest.update(struct.pack(f"<{tensor.dim() + 1}q", tensor.dim(), *tensor.shape))
-            raw = tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            digest.update(raw.numpy().tobytes())
-        return digest.hexdigest()
+        return state_dict_fingerprint(self.model)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.model).__name__})"

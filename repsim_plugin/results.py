@@ -73,6 +73,8 @@ def state_dict_fingerprint(model_or_state_dict: torch.nn.Module | Mapping[str, t
         value = state[name]
         h.update(name.encode())
         if isinstance(value, torch.Tensor):
+            if value.is_meta:
+                raise RepsimError(f"state dict entry {name!r} is on the meta device; load the weights first.")
             t = value.detach().cpu().contiguous()
             h.update(f"|{t.dtype}|{tuple(t.shape)}|".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
