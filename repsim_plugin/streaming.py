@@ -653,6 +653,40 @@ class _Accumulator:
     def __init__(self, process_group: Any = None) -> None:
         self.process_group = process_group
         self._reduced = False
+        self.same: bool | None = None
+        self._labels = (_label_a, _label_b)
+
+    def _validate_update(
+        self, acts_a: Acts, acts_b: Acts | None, *, finite: bool = True
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, list[Any]]:
+        """Check the arguments of a map's ``update`` (``same`` is fixed by the first call) and validate the rows.
+
+        Returns side a's rows, side b's rows (None when one model is compared with itself) and the
+        ``(label, rows)`` groups whose row counts :func:`_check_same_rows` compares.
+        """
+        self._check_not_reduced("update")
+        _check_acts(acts_a, "acts_a")
+        same_call = acts_b is None or acts_b is acts_a
+        if self.same is None:
+            self.same = same_call
+        kind = type(self).__name__
+        if self.same and not same_call:
+            raise RepsimError(
+                f"this {kind} compares one model with itself (same=True): call update(acts) or update(acts, acts) "
+                f"with the same dict. For two models create {kind}(same=False)."
+            )
+        if not self.same and acts_b is None:
+            raise RepsimError(f"this {kind} compares two models (same=False): pass update(acts_a, acts_b).")
+        if not same_call:
+            _check_acts(acts_b, "acts_b")
+        la, lb = self._labels
+        A = _validate_rows(acts_a, la, finite=finite)
+        groups: list[Any] = [(la, A)]
+        B = None
+        if not self.same:
+            B = A if acts_b is acts_a else _validate_rows(acts_b, lb, finite=finite)  # type: ignore[arg-type]
+            groups.append((lb, B))
+        return A, B, groups
 
     @property
     def reduced(self) -> bool:
@@ -743,7 +777,6 @@ class LinearCKAMap(_Accumulator):
         self.same: bool | None = same
         self._m: _Moments | None = None
         self._device: torch.device | None = None
-        self._labels = (_label_a, _label_b)
 
     # --- properties ---
     @property
@@ -789,28 +822,8 @@ class LinearCKAMap(_Accumulator):
     # --- streaming ---
     def update(self, acts_a: Acts, acts_b: Acts | None = None) -> None:
         """Add one batch: ``acts_a`` / ``acts_b`` map layer names to (b, d) activations of the same b samples."""
-        self._check_not_reduced("update")
-        _check_acts(acts_a, "acts_a")
-        same_call = acts_b is None or acts_b is acts_a
-        if self.same is None:
-            self.same = same_call
-        if self.same and not same_call:
-            raise RepsimError(
-                "this accumulator compares one model with itself (same=True): call update(acts) or update(acts, acts) "
-                "with the same dict. For two models create LinearCKAMap(same=False)."
-            )
-        if not self.same and acts_b is None:
-            raise RepsimError("this accumulator compares two models (same=False): pass update(acts_a, acts_b).")
-        if not same_call:
-            _check_acts(acts_b, "acts_b")
-        la, lb = self._labels
         with torch.no_grad():
-            A = _validate_rows(acts_a, la, finite=False)
-            groups = [(la, A)]
-            B = None
-            if not self.same:
-                B = A if acts_b is acts_a else _validate_rows(acts_b, lb, finite=False)
-                groups.append((lb, B))
+            A, B, groups = self._validate_update(acts_a, acts_b, finite=False)
             if _check_same_rows(groups) == 0:
                 return
             m = self._m
@@ -1093,22 +1106,7 @@ class SampleSpaceCKAMap(_Accumulator):
         return int(n) * sum(dims) * int(itemsize) + 8 * len(dims) * int(n) ** 2 + 8 * int(n) * max(dims)
 
     def update(self, acts_a: Acts, acts_b: Acts | None = None) -> None:
-        self._check_not_reduced("update")
-        _check_acts(acts_a, "acts_a")
-        same_call = acts_b is None or acts_b is acts_a
-        if self.same is None:
-            self.same = same_call
-        if self.same and not same_call:
-            raise RepsimError("this accumulator compares one model with itself (same=True): pass update(acts).")
-        if not self.same and acts_b is None:
-            raise RepsimError("this accumulator compares two models (same=False): pass update(acts_a, acts_b).")
-        A = _validate_rows(acts_a, _label_a)
-        groups = [(_label_a, A)]
-        B = None
-        if not self.same:
-            _check_acts(acts_b, "acts_b")
-            B = _validate_rows(acts_b, _label_b)
-            groups.append((_label_b, B))
+        A, B, groups = self._validate_update(acts_a, acts_b)
         _check_same_rows(groups)
         if self._rows_a is None:
             self._rows_a = {k: [] for k in A}
@@ -1452,22 +1450,7 @@ class MinibatchCKAMap(_SumState):
         return json.dumps([self._kind, self.kernel, sorted(self.kernel_params.items()), a.as_json(), b and b.as_json()])
 
     def update(self, acts_a: Acts, acts_b: Acts | None = None) -> None:
-        self._check_not_reduced("update")
-        _check_acts(acts_a, "acts_a")
-        same_call = acts_b is None or acts_b is acts_a
-        if self.same is None:
-            self.same = same_call
-        if self.same and not same_call:
-            raise RepsimError("this accumulator compares one model with itself (same=True): pass update(acts).")
-        if not self.same and acts_b is None:
-            raise RepsimError("this accumulator compares two models (same=False): pass update(acts_a, acts_b).")
-        A = _validate_rows(acts_a, _label_a)
-        groups = [(_label_a, A)]
-        B = None
-        if not self.same:
-            _check_acts(acts_b, "acts_b")
-            B = _validate_rows(acts_b, _label_b)
-            groups.append((_label_b, B))
+        A, B, groups = self._validate_update(acts_a, acts_b)
         b = _check_same_rows(groups)
         _minibatch_rows(b)
         if self._layers is None:
