@@ -226,8 +226,9 @@ def choose_estimator(
     if is_linear:
         feature, sample = feature_bytes(), sample_bytes()
         d_total = sum(all_dims)
-        # cost per sample: feature space ~ (sum d)^2 (Grams and cross moments), sample space ~ n * sum d
-        sample_cheaper = n_estimate is not None and n_estimate * d_total < d_total**2 / max(1, n_maps)
+        # cost per sample: feature space ~ (sum d)^2 (Grams and cross moments), sample space ~ n * sum d. Sample
+        # space keeps O(n d) rows, so it must be clearly cheaper (4x) to be preferred to O(d^2) statistics.
+        sample_cheaper = n_estimate is not None and 4 * n_estimate * d_total < d_total**2 / max(1, n_maps)
         if exact_fits(sample) and (sample_cheaper or feature > memory_budget):
             return _Plan(
                 "sample_space",
