@@ -1,0 +1,136 @@
+"""Device check for a CUDA machine: results on the GPU equal the CPU's, and nothing leaves the device unasked.
+
+Run on a machine with a GPU: ``python benchmarks/gpu_check.py``. It checks
+1. every registered measure: value on CUDA equals the CPU value (1e-9), output on the input's device;
+2. ``rp.compare`` of two digits CNNs on CUDA with every estimator equals the CPU map (1e-9), the models stay on
+   the GPU and unmodified, fingerprints do not depend on the device, ``device="cpu"`` moves rows off the GPU;
+3. capture of a padded batch through a tiny BERT on CUDA equals the CPU capture (1e-5);
+4. ``rp.adversarial.shift`` runs on a CUDA model and returns a CUDA copy, leaving the original untouched.
+Prints one line per check and exits 1 if any failed. (The tests run on CPU; this script is the GPU part.)
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+import warnings
+
+import torch
+
+warnings.simplefilter("ignore")
+FAILURES: list[str] = []
+
+
+def check(name: str):
+    def wrap(fn):
+        try:
+            detail = fn()
+            print(f"ok   {name}" + (f": {detail}" if detail else ""), flush=True)
+        except Exception:
+            FAILURES.append(name)
+            print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
+        return fn
+
+    return wrap
+
+
+def main() -> int:
+    import repsim_plugin as rp
+    from repsim_plugin.digits import load_digits_split, train_digits_cnn
+
+    assert torch.cuda.is_available(), "no CUDA device"
+    cuda = torch.device("cuda")
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}", flush=True)
+
+    @check("every registered measure: CUDA value == CPU value, result on the input's device")
+    def _measures():
+        g = torch.Generator().manual_seed(0)
+        X = torch.randn(64, 6, generator=g, dtype=torch.float64)
+        Y = torch.tanh(X @ torch.randn(6, 5, generator=g, dtype=torch.float64)) + 0.3 * torch.randn(64, 5, generator=g)
+        worst = 0.0
+        for mid in rp.measures.list():
+            m = rp.measures.make(mid)
+            on_gpu = m(X.to(cuda), Y.to(cuda))
+            assert on_gpu.device.type == "cuda", f"{mid} returned on {on_gpu.device}"
+            diff = abs(float(on_gpu) - float(m(X, Y)))
+            assert diff < 1e-9, f"{mid}: |gpu - cpu| = {diff}"
+            worst = max(worst, diff)
+        return f"{len(rp.measures.list())} measures, max |gpu - cpu| = {worst:.1e}"
+
+    a, _ = train_digits_cnn(seed=0)
+    b, _ = train_digits_cnn(seed=1)
+    _, _, Xte, yte = load_digits_split()
+    data = list(zip(Xte.split(64), yte.split(64), strict=True))
+    layers = ["relu1", "relu2", "fc1", "relu3", "fc2"]
+    ga, gb = train_digits_cnn(seed=0)[0].to(cuda), train_digits_cnn(seed=1)[0].to(cuda)
+
+    @check("compare on CUDA == compare on CPU for every estimator; models untouched")
+    def _compare():
+        fingerprint = rp.adapters.for_model(ga).fingerprint()
+        worst = 0.0
+        for measure, estimator in [
+            ("cka", "feature_streaming"),
+            ("debiased_cka", "feature_streaming"),
+            ("cka", "sample_space"),
+            ("debiased_cka", "minibatch"),
+            ("rbf_cka", "captured"),
+            ("procrustes", "captured"),
+        ]:
+            cpu = rp.compare(a, b, data, layers, layers, measure, estimator=estimator, progress=False)
+            gpu = rp.compare(ga, gb, data, layers, layers, measure, estimator=estimator, progress=False)
+            diff = float((cpu.values - gpu.values).abs().max())
+            assert diff < 1e-9, f"{measure}/{estimator}: max |gpu - cpu| = {diff}"
+            assert gpu.fingerprints == cpu.fingerprints, "fingerprints depend on the device"
+            worst = max(worst, diff)
+        assert all(p.device.type == "cuda" for p in ga.parameters()), "the model was moved"
+        assert rp.adapters.for_model(ga).fingerprint() == fingerprint, "the model was modified"
+        return f"max |gpu - cpu| = {worst:.1e}"
+
+    @check("capture keeps rows on the GPU by default and moves them with device='cpu'")
+    def _devices():
+        with rp.capture(ga, ["relu3"]) as rec:
+            ga(Xte[:32].to(cuda))
+        assert rec.activations["relu3"].device.type == "cuda"
+        with rp.capture(ga, ["relu3"], device="cpu") as rec:
+            ga(Xte[:32].to(cuda))
+        assert rec.activations["relu3"].device.type == "cpu"
+
+    @check("tiny BERT with padding: mean capture on CUDA == CPU")
+    def _bert():
+        from transformers import BertConfig, BertModel
+
+        torch.manual_seed(0)
+        config = BertConfig(
+            vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+        )
+        cpu_model = BertModel(config).eval()
+        gpu_model = BertModel(config).eval()
+        gpu_model.load_state_dict(cpu_model.state_dict())
+        gpu_model.to(cuda)
+        ids = torch.randint(1, 120, (6, 10), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones(6, 10, dtype=torch.long)
+        mask[:3, 6:] = 0
+        with rp.capture(cpu_model) as rc:
+            cpu_model(input_ids=ids, attention_mask=mask)
+        with rp.capture(gpu_model) as rg:
+            gpu_model(input_ids=ids.to(cuda), attention_mask=mask.to(cuda))
+        for name, rows in rc.activations.items():
+            diff = float((rows - rg.activations[name].cpu()).abs().max())
+            assert diff < 1e-5, f"{name}: {diff}"
+
+    @check("adversarial.shift on a CUDA model returns a CUDA copy and leaves the original unchanged")
+    def _shift():
+        before = rp.adapters.for_model(ga).fingerprint()
+        train = list(zip(load_digits_split()[0].split(128), load_digits_split()[1].split(128), strict=True))
+        result = rp.adversarial.shift(ga, "relu3", train, target=0.2, steps=20, eval_data=data, progress=False)
+        assert next(result.model.parameters()).device.type == "cuda"
+        assert rp.adapters.for_model(ga).fingerprint() == before
+        return f"CKA {result.measure_before:.3f} -> {result.measure_after:.3f}, agreement {result.agreement:.3f}"
+
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    code = main()
+    print("FAILED: " + ", ".join(FAILURES) if FAILURES else "all device checks passed", flush=True)
+    sys.exit(code)
