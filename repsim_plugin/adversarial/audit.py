@@ -205,15 +205,14 @@ class AuditReport:
                 f"({self.range_sources.get('highest', '')})."
             )
             lines.append("")
-        header = ["change", "outputs kept", *self.measures]
-        direction = [
-            "",
-            "",
-            *("higher = similar" if self.larger_is_more_similar[m] else "lower = similar" for m in self.measures),
+        header = [
+            "change",
+            "outputs kept",
+            *(m if self.larger_is_more_similar[m] else f"{m} (distance: lower = similar)" for m in self.measures),
         ]
 
         def table(attribute: str, skip_original: bool) -> list[str]:
-            rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), "| " + " | ".join(direction) + " |"]
+            rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             for item in self.changes:
                 if skip_original and item.kind == "original":
                     continue
@@ -302,7 +301,7 @@ class AuditReport:
         if isinstance(path_or_ax, Axes):
             ax, fig = path_or_ax, path_or_ax.figure
         else:
-            fig = Figure(figsize=(max(5.0, 1.6 * len(self.measures) + 2.5), 4.0), dpi=dpi)
+            fig = Figure(figsize=(max(6.0, 1.6 * len(self.measures) + 4.0), 4.0), dpi=dpi)
             FigureCanvasAgg(fig)
             ax = fig.add_subplot(1, 1, 1)
         markers = "o^vsDPX*h"
@@ -330,7 +329,7 @@ class AuditReport:
         ax.set_ylabel(f"A' vs B ({self.layer_a} vs {self.layer_b})")
         ax.set_title(f"audit: {self.claim_measure} claim {self.claim:.3f}; changes keep A's outputs", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
         if isinstance(path_or_ax, Axes):
             return ax
         fig.tight_layout()
@@ -489,8 +488,8 @@ def _direction(W: torch.Tensor, nonneg: bool) -> tuple[torch.Tensor, str]:
             last_error = error
             continue
         sign = "non-negative" if non_negative else "mixed-sign"
-        what = "every logit unchanged" if keep == "logits" else "every logit moved by the same amount"
-        return v.float(), f"{sign} direction with {what}"
+        what = "leaves every logit unchanged" if keep == "logits" else "moves every logit by the same amount"
+        return v.float(), f"{sign} direction that {what}"
     raise DegenerateInputError(f"no separability-preserving direction exists: {last_error}")
 
 
@@ -681,8 +680,14 @@ def audit(
             _analytic_change(
                 "subset translation",
                 "subset_translation",
-                f"{subset} moved by c = {c:.3g} along a {how} "
-                + (f"of the probe fitted on A's `{layer_a}`" if probe else f"of `{head_name}`" if head_name else "")
+                f"{subset} moved by c = {c:.3g} along a {how}"
+                + (
+                    f" (for a linear probe fitted on A's `{layer_a}`)"
+                    if probe
+                    else f" (for `{head_name}`, the linear layer that reads `{layer_a}`)"
+                    if head_name
+                    else ""
+                )
                 + f"; Theorem 1's limit of linear CKA(A, A') is {limit:.3f}.",
                 H,
                 moved,

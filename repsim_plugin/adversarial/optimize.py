@@ -1044,6 +1044,11 @@ def shift(
                 chunk, index = next(batches)
                 inputs = _to_device(_take(chunk.inputs, index), device)
                 rows, out = run(inputs)
+                if not all(bool(torch.isfinite(r).all()) for r in (*rows.values(), out)):
+                    raise DegenerateInputError(
+                        f"training diverged at step {step}: the layer's activations or the outputs are not finite; "
+                        "lower lr= or lambda_init=."
+                    )
                 if map_mode:
                     M = estimate.map([rows[name] for name in layers])
                     free = torch.isnan(T)  # type: ignore[arg-type]
@@ -1060,8 +1065,8 @@ def shift(
                 loss = keep_loss + lam * similarity.to(keep_loss.dtype)
                 if not bool(torch.isfinite(loss)):
                     raise DegenerateInputError(
-                        f"the objective became {float(loss)} at step {step}; lower lr= or lambda_init=, or check "
-                        "that the layer's representation varies across the minibatch."
+                        f"training diverged at step {step}: the objective is {float(loss)}; lower lr= or "
+                        "lambda_init=, or check that the layer's representation varies across the minibatch."
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -1077,6 +1082,12 @@ def shift(
                 count += 1
                 if step % every == 0 or step == steps:
                     rows_e, outs_e = evaluate_pass(eval_chunks)
+                    finite = [bool(torch.isfinite(t).all()) for r in rows_e for t in (*r.values(),)]
+                    if not all(finite) or not all(bool(torch.isfinite(o).all()) for o in outs_e):
+                        raise DegenerateInputError(
+                            f"training diverged at step {step}: the evaluation gives non-finite activations or "
+                            "outputs; lower lr= or lambda_init=."
+                        )
                     last = summarize(rows_e, outs_e)
                     score, threshold = fidelity(last)
                     kept = score >= threshold - 1e-12
