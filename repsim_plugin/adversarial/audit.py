@@ -350,15 +350,19 @@ def _name(model: nn.Module, given: str | None) -> str:
 def _evaluate_measures(
     measures: dict[str, Measure], X: torch.Tensor, Y: torch.Tensor, failures: dict[str, str]
 ) -> dict[str, float | None]:
+    """Every measure on (X, Y); a measure that raises gives None, and its first error or warning is kept for the
+    report's notes (``failures``) instead of being repeated for every change."""
     out: dict[str, float | None] = {}
     for alias, m in measures.items():
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # small-sample warnings are reported once in the notes
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 out[alias] = float(m(X, Y))
-        except RepsimError as error:  # e.g. CCA with more features than samples
+            for warning in caught:
+                failures.setdefault(f"{alias} warned", str(warning.message))
+        except RepsimError as error:
             out[alias] = None
-            failures.setdefault(alias, str(error))
+            failures.setdefault(f"{alias} could not be computed on some representations", str(error))
     return out
 
 
@@ -411,7 +415,10 @@ def _rows_and_outputs(
 
 @torch.no_grad()
 def _linear_consumers(model: nn.Module, layer: str, chunk: _Chunk) -> list[tuple[str, nn.Linear]]:
-    """Linear modules whose input is exactly ``layer``'s output (the same storage, e.g. after a flatten)."""
+    """Linear modules whose input is exactly ``layer``'s output (bit for bit, possibly flattened).
+
+    Whether nothing else reads the layer (a residual branch) cannot be seen here: the audit checks the changed
+    representation end to end by injecting it into the model and comparing the outputs."""
     adapter = for_model(model)
     device = _model_device(model)
     seen: dict[str, Any] = {}
@@ -448,17 +455,20 @@ def _linear_consumers(model: nn.Module, layer: str, chunk: _Chunk) -> list[tuple
         if (
             isinstance(inp, torch.Tensor)
             and inp.dim() == 2
-            and inp.data_ptr() == output.data_ptr()
             and inp.numel() == output.numel()
+            and torch.equal(inp, output.reshape(inp.shape))
         ):
             found.append((name, linear))
     return found
 
 
 def _fit_probe(H: torch.Tensor, classes: torch.Tensor, seed: int) -> torch.Tensor:
-    """A multinomial logistic-regression probe on H (weights only, (k, d)): L-BFGS, small L2, standardised scale."""
+    """A multinomial logistic-regression probe on H (float64 weights only, (k, d)): L-BFGS, small L2."""
     X = H.double()
-    mean, scale = X.mean(0), X.std(0).clamp_min(1e-12)
+    mean = X.mean(0)
+    scale = (X - mean).square().sum(1).mean().sqrt()  # one global scale: dead units get no huge weight
+    if not bool(scale > 0):
+        raise DegenerateInputError("the representation is constant; no probe can be fitted.")
     Z = (X - mean) / scale
     k = int(classes.max()) + 1
     generator = torch.Generator().manual_seed(seed)
@@ -474,7 +484,7 @@ def _fit_probe(H: torch.Tensor, classes: torch.Tensor, seed: int) -> torch.Tenso
 
     with torch.enable_grad():
         optimizer.step(closure)
-    return (W.detach() / scale).float()  # logits of H: (H - mean) / scale @ W^T + b = H @ (W / scale)^T + const
+    return W.detach() / scale  # logits of H: (H - mean) / scale @ W^T + b = H @ (W / scale)^T + const
 
 
 def _direction(W: torch.Tensor, nonneg: bool) -> tuple[torch.Tensor, str]:
@@ -489,7 +499,7 @@ def _direction(W: torch.Tensor, nonneg: bool) -> tuple[torch.Tensor, str]:
             continue
         sign = "non-negative" if non_negative else "mixed-sign"
         what = "leaves every logit unchanged" if keep == "logits" else "moves every logit by the same amount"
-        return v.float(), f"{sign} direction that {what}"
+        return v, f"{sign} direction that {what}"
     raise DegenerateInputError(f"no separability-preserving direction exists: {last_error}")
 
 
@@ -524,7 +534,8 @@ def audit(
 
     Args:
         data: inputs to fine-tune on (as for :func:`shift`); also the evaluation data when ``eval_data`` is None.
-        measures: aliases or ids of the measures to report side by side (the claim measure is added if absent).
+        measures: aliases, ids or ``Measure`` objects to report side by side (the claim measure is added if
+            absent); a measure that fails on some representation is shown as n/a, with the reason in the notes.
         tolerance: outputs count as kept while top-1 agreement with the original A stays >= 1 - tolerance
             (classifiers) or the mean output cosine >= 1 - tolerance (encoders without logits).
         targets: the low and high targets of the two fine-tuning runs; ``steps=0`` skips fine-tuning.
@@ -540,15 +551,23 @@ def audit(
     for layer, which in ((layer_a, "layer_a"), (layer_b, "layer_b")):
         if not isinstance(layer, str) or not layer:
             raise RepsimError(f"{which} must be a layer name, got {layer!r}.")
-    if isinstance(measures, str):
+    if isinstance(measures, str | Measure):
         measures = [measures]
-    aliases = list(dict.fromkeys([*measures]))
+    given = {(m if isinstance(m, str) else make(m).id): make(m) for m in measures}
+    aliases = list(given)
     if claim_measure not in aliases:
         aliases.insert(0, claim_measure)
-    resolved = {alias: make(alias) for alias in aliases}
+    resolved = {alias: given[alias] if alias in given else make(alias) for alias in aliases}
     claim_m = resolved[claim_measure]
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise RepsimError(f"steps must be an integer >= 0 (0 skips fine-tuning), got {steps!r}.")
+    reserved = {"target", "reference", "measure", "criterion", "eval_reference", "target_map", "map_layers"}
+    clash = sorted(reserved & set(shift_kwargs))
+    if clash:
+        raise RepsimError(
+            f"audit sets {', '.join(clash)} for its fine-tuning runs itself (outputs kept = top-1 agreement, or "
+            "output cosine, >= 1 - tolerance); leave them out."
+        )
     if len(targets) != 2:
         raise RepsimError(f"targets must be a (low, high) pair, got {targets!r}.")
     fingerprints = {"a": state_dict_fingerprint(model_a), "b": state_dict_fingerprint(model_b)}
@@ -573,7 +592,8 @@ def audit(
     notes: list[str] = []
     baseline = _evaluate_measures(resolved, H, HB, failures)
     if baseline[claim_measure] is None:
-        raise RepsimError(f"the claim measure {claim_measure} cannot be computed here: {failures[claim_measure]}")
+        reason = next(message for what, message in failures.items() if what.startswith(claim_measure))
+        raise RepsimError(f"the claim measure {claim_measure} cannot be computed here: {reason}")
     claim = float(baseline[claim_measure])  # type: ignore[arg-type]
     changes = [
         Change(
@@ -644,7 +664,7 @@ def audit(
         if consumers and (len(layer_shape or ()) == 2 or spatial == "flatten"):
             head_name, head = consumers[0]
             if head.weight.shape[1] == d:
-                W = head.weight.detach().float().cpu()
+                W = head.weight.detach().double().cpu()
             else:
                 head_name = None
     probe = False
@@ -675,7 +695,7 @@ def audit(
         limit = float(subset_translation_limit(H, mask))
         goal = max(stress_target, limit + 0.05)
         c = scale_for_target_cka(H, mask, v, target=goal)
-        moved = translate_subset(H, mask, v, c).float()
+        moved = translate_subset(H, mask, v, c)
         changes.append(
             _analytic_change(
                 "subset translation",
@@ -706,7 +726,13 @@ def audit(
                 head_name,
                 probe,
                 layer_shape,
-                details={"c": c, "limit": limit, "moved": int(mask.sum()), "subset": subset},
+                details={
+                    "c": c,
+                    "limit": limit,
+                    "subset": subset,
+                    "rows": mask.nonzero().flatten().tolist(),
+                    "direction": v.tolist(),
+                },
             )
         )
         # --- 3. a single outlier ------------------------------------------------------------------------------
@@ -721,7 +747,7 @@ def audit(
         except DegenerateInputError as error:
             notes.append(f"Outlier skipped: {error}")
         else:
-            outlier = translate_subset(H, single, v, c_out).float()
+            outlier = translate_subset(H, single, v, c_out)
             changes.append(
                 _analytic_change(
                     "single outlier",
@@ -745,13 +771,14 @@ def audit(
                     head_name,
                     probe,
                     layer_shape,
-                    details={"c": c_out, "index": index, "limit": o_limit, "scale": scale},
+                    details={"c": c_out, "index": index, "limit": o_limit, "scale": scale, "direction": v.tolist()},
                 )
             )
-        _cca_note(changes, resolved, d, notes)
+        rank = int(torch.linalg.matrix_rank(H.double() - H.double().mean(0)))
+        _cca_note(changes, resolved, rank, notes)
 
-    for alias, message in failures.items():
-        notes.append(f"{alias} could not be computed on some representations: {message}")
+    for what, message in failures.items():
+        notes.append(f"{what}: {message}")
 
     kept_values = [
         (item.values[claim_measure], item.name)
@@ -849,7 +876,7 @@ def _analytic_change(
     if head_name is not None:
         # end to end: run A with the change injected into the layer's output, compare its predictions
         _, changed_outputs, _ = _rows_and_outputs(
-            model_a, layer_a, chunks, batch_size, tokens, spatial, preserve, delta=moved - H
+            model_a, layer_a, chunks, batch_size, tokens, spatial, preserve, delta=moved - H.double()
         )
         agreement = float((changed_outputs.argmax(1) == outputs.argmax(1)).double().mean())
         change = float((changed_outputs - outputs).abs().max())
@@ -875,7 +902,7 @@ def _analytic_change(
     )
 
 
-def _cca_note(changes: list[Change], resolved: dict[str, Measure], d: int, notes: list[str]) -> None:
+def _cca_note(changes: list[Change], resolved: dict[str, Measure], rank: int, notes: list[str]) -> None:
     """Say, with the numbers, that a rank-one change leaves CCA near 1 while CKA / Procrustes fall."""
     try:
         subset = next(c for c in changes if c.kind == "subset_translation")
@@ -886,7 +913,7 @@ def _cca_note(changes: list[Change], resolved: dict[str, Measure], d: int, notes
     shown = [f"{a} {subset.self_values[a]:.3f}" for a in cca + others if subset.self_values.get(a) is not None]
     if cca and shown:
         notes.append(
-            f"The subset translation adds a rank-one matrix to A's representation, so at least {d - 1} of its {d} "
-            f"canonical correlations with the original stay 1 (mean CCA >= (p-1)/p = {(d - 1) / d:.3f}), while CKA "
-            f"and Procrustes see a large change. A vs A': {', '.join(shown)}."
+            f"The subset translation adds a rank-one matrix to A's representation (rank p = {rank}), so at least "
+            f"p - 1 of its canonical correlations with the original stay 1 (mean CCA >= (p-1)/p = "
+            f"{(rank - 1) / rank:.3f}), while CKA and Procrustes see a large change. A vs A': {', '.join(shown)}."
         )
