@@ -174,7 +174,7 @@ def test_shift_penultimate_layer_to_low_cka_keeps_predictions(digits):
     accuracy_after = accuracy(result.model, Xte, yte)
     assert accuracy_after == pytest.approx(result.accuracy_after)
     assert result.accuracy_before == pytest.approx(original_accuracy)
-    assert original_accuracy - accuracy_after <= 0.02  # measured drops 0.000-0.009
+    assert original_accuracy - accuracy_after <= 0.02  # measured drops -0.002-0.009
     with torch.no_grad():
         p, q = model(Xte).log_softmax(1), result.model(Xte).log_softmax(1)
     assert result.kl == pytest.approx(float((p.exp() * (p - q)).sum(1).mean()), rel=1e-4, abs=1e-6)
@@ -208,16 +208,16 @@ def test_map_target_of_one_pulls_an_early_layer_toward_the_last_hidden_layer(dig
     before = linear_cka(hidden(model, Xte, "relu1"), hidden(model, Xte, PENULTIMATE))
     result = shift(
         model, None, (Xtr, ytr), target_map=torch.ones(2, 2), map_layers=layers, eval_data=(Xte, yte), steps=400,
-        **KEEP_HELD_OUT,
+        **{**KEEP_HELD_OUT, "tolerance": 0.01},
     )  # fmt: skip
     after = linear_cka(hidden(result.model, Xte, "relu1"), hidden(result.model, Xte, PENULTIMATE))
     assert after == pytest.approx(float(result.map_after[0, 1]), abs=1e-5)
     assert float(result.map_before[0, 1]) == pytest.approx(before, abs=1e-5)
-    # "approached": the gap to 1 shrinks at least by half (measured: 0.16 -> 0.002-0.004)
+    # "approached": the gap to 1 shrinks at least by half (measured over 9 runs: to 0.064-0.110 of itself)
     assert 1 - after <= 0.5 * (1 - before)
     assert result.map_error_after <= 0.5 * result.map_error_before
-    assert agreement(result.model, model, Xte) >= 0.97  # measured 0.980-0.984
-    assert accuracy(model, Xte, yte) - accuracy(result.model, Xte, yte) <= 0.02  # measured 0.013-0.016
+    assert agreement(result.model, model, Xte) >= 0.97  # measured 0.991-0.993
+    assert accuracy(model, Xte, yte) - accuracy(result.model, Xte, yte) <= 0.02  # measured 0.004-0.009
     assert result.measure_before is None and result.map_layers == layers
 
 
@@ -243,8 +243,8 @@ def test_perturbation_mode_edits_the_layer_output_of_a_frozen_network(digits):
         assert torch.allclose(edited, result.perturbation(hidden(model, Xte)), atol=1e-5)
     cka_after = linear_cka(edited, hidden(model, Xte))
     assert cka_after == pytest.approx(result.measure_after, abs=1e-6)
-    assert cka_after <= 0.3  # measured 0.200-0.201
-    assert kept >= 0.97  # measured 0.996
+    assert cka_after <= 0.3  # measured 0.200-0.209 over 9 runs
+    assert kept >= 0.97  # measured 0.993-1.000
     unperturbed = shift(model, PENULTIMATE, Xtr[:64], target=0.5, steps=0)
     with pytest.raises(RepsimError, match="no perturbation"), unperturbed.perturbed():
         pass

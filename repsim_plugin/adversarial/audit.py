@@ -33,7 +33,7 @@ from torch import nn
 from ..adapters import for_model
 from ..capture import capture
 from ..compare import _model_device, _to_device
-from ..errors import DegenerateInputError, RepsimError
+from ..errors import DegenerateInputError, RepsimError, SmallSampleBiasWarning
 from ..measures import Measure, make
 from ..results import _atomic_write, state_dict_fingerprint
 from .optimize import (
@@ -216,7 +216,10 @@ class AuditReport:
             for item in self.changes:
                 if skip_original and item.kind == "original":
                     continue
-                kept = "—" if item.kept is None else (("yes: " if item.kept else "**no**: ") + item.kept_by)
+                if item.kept is None:
+                    kept = item.kept_by or "—"
+                else:
+                    kept = ("yes: " if item.kept else "**no**: ") + item.kept_by
                 values = getattr(item, attribute)
                 rows.append("| " + " | ".join([item.name, kept, *(num(values.get(m)) for m in self.measures)]) + " |")
             return rows
@@ -357,6 +360,7 @@ def _evaluate_measures(
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
+                warnings.simplefilter("ignore", SmallSampleBiasWarning)  # one note per biased CKA measure instead
                 out[alias] = float(m(X, Y))
             for warning in caught:
                 failures.setdefault(f"{alias} warned", str(warning.message))
@@ -606,13 +610,13 @@ def audit(
     ]
     criterion = "agreement" if classify else "cosine"
     kept_label = "top-1 agreement" if classify else "output cosine"
-    if claim_m.spec.name == "cka" and dict(claim_m.params).get("hsic") == "gretton":
-        null = math.sqrt(d * HB.shape[1] / ((n + d) * (n + HB.shape[1])))
-        if null > 0.1:
-            notes.append(
-                f"With n = {n} samples and {d} / {HB.shape[1]} features, biased CKA of independent representations "
-                f"is already about {null:.2f}; read it next to debiased CKA."
-            )
+    biased = [a for a, m in resolved.items() if m.spec.name == "cka" and dict(m.params).get("hsic") == "gretton"]
+    null = math.sqrt(d * HB.shape[1] / ((n + d) * (n + HB.shape[1])))
+    if biased and null > 0.1:
+        notes.append(
+            f"With n = {n} samples and {d} / {HB.shape[1]} features, biased CKA of independent representations is "
+            f"already about {null:.2f} (for {', '.join(biased)}); read it next to debiased CKA."
+        )
 
     # --- 1. fine-tuning toward low and high targets --------------------------------------------------------
     shifts: dict[str, ShiftResult] = {}
@@ -646,8 +650,14 @@ def audit(
                 Change(
                     f"fine-tuned toward {target:g}",
                     "finetune",
-                    f"A fine-tuned for {steps} steps toward {claim_measure} = {target:g} with B (best kept state at "
-                    f"step {result.best_step}; {result.objective}; preservation {result.preserve}).",
+                    f"A fine-tuned for {steps} steps toward {claim_measure} = {target:g} with B ({result.objective}; "
+                    f"preservation {result.preserve}); "
+                    + (
+                        f"the best state that kept the outputs is from step {result.best_step}."
+                        if result.best_step > 0
+                        else "no fine-tuned state kept the outputs within the tolerance, so this row is the original "
+                        "model (more steps, a lower lr or a smaller lambda_init may find one)."
+                    ),
                     _evaluate_measures(resolved, after, HB, failures),
                     _evaluate_measures(resolved, H, after, failures),
                     kept=result.kept,

