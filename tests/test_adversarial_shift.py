@@ -380,3 +380,22 @@ def test_the_model_is_never_modified_even_when_training_fails(digits):
     with pytest.raises(RepsimError, match="training diverged"):
         shift(model, PENULTIMATE, Xtr, target=0.5, steps=3, lr=1e30, lambda_init=1e30)
     check_untouched(model, fingerprint, state)
+
+
+def test_shift_on_a_timm_model_keeps_batch_norm_statistics():
+    """timm adapter; the copy is fine-tuned in eval mode, so batch-norm running statistics stay the original's."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=4).eval()
+    X = torch.randn(32, 3, 32, 32)
+    fingerprint, state = rp.results.state_dict_fingerprint(model), hook_state(model)
+    result = shift(model, "blocks.2", X, target=0.2, steps=8, batch_size=16, keep="last", spatial="mean")
+    check_untouched(model, fingerprint, state)
+    buffers = dict(model.named_buffers())
+    assert buffers and all(torch.equal(b, buffers[name]) for name, b in result.model.named_buffers())
+    changed = [name for name, p in result.model.named_parameters() if not torch.equal(p, model.get_parameter(name))]
+    assert changed  # the weights did move
+    with torch.no_grad():
+        pooled = lambda m: m.blocks[:3](m.bn1(m.conv_stem(X))).mean(dim=(2, 3))  # noqa: E731
+        assert linear_cka(pooled(result.model), pooled(model)) == pytest.approx(result.measure_after, abs=1e-5)
+    assert result.measure_after < 0.9  # measured 0.68
