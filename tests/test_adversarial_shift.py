@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from reference import cka_numpy, debiased_cka_numpy, hsic_unbiased_numpy
 import repsim_plugin as rp
 from repsim_plugin.adversarial import ShiftResult, shift
 from repsim_plugin.adversarial.optimize import LAMBDA_FACTOR, LowRankAffine, _log_cosh, _MinibatchMeasure
-from repsim_plugin.errors import InputShapeError, RepsimError, UnknownNameError
+from repsim_plugin.errors import InputShapeError, RepsimError, SmallSampleBiasWarning, UnknownNameError
 from repsim_plugin.measures import make
 
 pytestmark = pytest.mark.filterwarnings("ignore::repsim_plugin.errors.SmallSampleBiasWarning")
@@ -399,3 +400,13 @@ def test_shift_on_a_timm_model_keeps_batch_norm_statistics():
         pooled = lambda m: m.blocks[:3](m.bn1(m.conv_stem(X))).mean(dim=(2, 3))  # noqa: E731
         assert linear_cka(pooled(result.model), pooled(model)) == pytest.approx(result.measure_after, abs=1e-5)
     assert result.measure_after < 0.9  # measured 0.68
+
+
+def test_measure_warnings_are_issued_once_at_the_callers_line(digits):
+    model, Xtr, _, Xte, _ = digits
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = shift(model, PENULTIMATE, Xtr, target=0.5, steps=22, eval_data=Xte)
+    assert len(result.history) > 2  # several evaluations, each computing biased CKA with n = 450, p = 64
+    bias = [w for w in caught if issubclass(w.category, SmallSampleBiasWarning)]
+    assert len(bias) == 1 and bias[0].filename == __file__

@@ -624,25 +624,30 @@ def audit(
         options = {"batch_size": batch_size, **shift_kwargs}
         options.setdefault("preserve", preserve)
         for label, target in zip(("low", "high"), targets, strict=True):
-            result = shift(
-                model_a,
-                layer_a,
-                data,
-                target=float(target),
-                reference=(model_b, layer_b),
-                measure=claim_m,
-                tolerance=tolerance,
-                steps=steps,
-                eval_data=eval_data,
-                labels=labels,
-                eval_labels=eval_labels,
-                seed=seed,
-                progress=progress,
-                criterion=criterion,
-                tokens=tokens,
-                spatial=spatial,
-                **options,
-            )
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                warnings.simplefilter("ignore", SmallSampleBiasWarning)  # said once in the notes
+                result = shift(
+                    model_a,
+                    layer_a,
+                    data,
+                    target=float(target),
+                    reference=(model_b, layer_b),
+                    measure=claim_m,
+                    tolerance=tolerance,
+                    steps=steps,
+                    eval_data=eval_data,
+                    labels=labels,
+                    eval_labels=eval_labels,
+                    seed=seed,
+                    progress=progress,
+                    criterion=criterion,
+                    tokens=tokens,
+                    spatial=spatial,
+                    **options,
+                )
+            for warning in caught:
+                failures.setdefault(f"fine-tuning toward {target:g} warned", str(warning.message))
             shifts[f"toward {target:g}"] = result
             after = result.representations["after"]
             check = result.agreement if classify else result.cosine

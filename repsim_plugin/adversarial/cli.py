@@ -131,15 +131,15 @@ def run_audit_command(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         lambda_init=args.lambda_init,
     )
-    markdown = report.to_markdown()
-    print(markdown)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     from ..results import _atomic_write
 
-    _atomic_write(out / "audit.md", lambda handle: handle.write(markdown))
+    markdown = report.to_markdown()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "audit.md", lambda handle: handle.write(markdown))  # files first, then the console
     report.save(out / "audit.json")
     report.plot(out / "audit.png")
+    print(markdown)
     for name in ("audit.md", "audit.json", "audit.png"):
         print(f"wrote {out / name}")
     return 0

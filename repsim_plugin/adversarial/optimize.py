@@ -34,6 +34,7 @@ import copy
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -846,6 +847,7 @@ def shift(
     # --- the original's outputs and rows (the student is still an exact copy) -------------------------------
     student.eval()
     sink: dict[str, dict[str, torch.Tensor]] = {}
+    measure_warnings: dict[tuple[type, str], warnings.WarningMessage] = {}
 
     def receive(batch: dict[str, torch.Tensor]) -> None:
         sink["rows"] = batch
@@ -919,6 +921,15 @@ def shift(
         if criterion == "accuracy" and not eval_has_labels:
             raise RepsimError("criterion='accuracy' needs labels for the evaluation data (eval_labels= or labels=).")
 
+        def quiet(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+            """The full-data measure; its warnings (the same at every evaluation) are collected, issued once."""
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                value = m(X, Y)
+            for warning in caught:
+                measure_warnings.setdefault((warning.category, str(warning.message)), warning)
+            return value
+
         def summarize(rows_list: list[dict[str, torch.Tensor]], outs: list[torch.Tensor]) -> _Eval:
             out = torch.cat(outs)
             value, values, kept_rows = None, None, None
@@ -926,13 +937,13 @@ def shift(
                 full = [torch.cat([r[name] for r in rows_list]) for name in layers]
                 values = torch.stack(
                     [
-                        torch.stack([m(full[i], full[j]).double().cpu() for j in range(len(layers))])
+                        torch.stack([quiet(full[i], full[j]).double().cpu() for j in range(len(layers))])
                         for i in range(len(layers))
                     ]
                 )
             else:
                 kept_rows = torch.cat([r[layer] for r in rows_list])
-                value = float(m(kept_rows, reference_eval))
+                value = float(quiet(kept_rows, reference_eval))
             cos = F.cosine_similarity(out.double(), teacher_eval.double(), dim=1)
             agreement = kl = accuracy = None
             if classify:
@@ -1146,6 +1157,8 @@ def shift(
         representations=representations,
     )
     result._layout = layout
+    for (category, message), _ in measure_warnings.items():
+        warnings.warn(message, category, stacklevel=2)  # once per shift, pointing at the caller
     return result
 
 
