@@ -410,3 +410,19 @@ def test_measure_warnings_are_issued_once_at_the_callers_line(digits):
     assert len(result.history) > 2  # several evaluations, each computing biased CKA with n = 450, p = 64
     bias = [w for w in caught if issubclass(w.category, SmallSampleBiasWarning)]
     assert len(bias) == 1 and bias[0].filename == __file__
+
+
+def test_map_target_with_free_entries(digits):
+    """NaN entries of target_map are free: only the others enter the objective and the reported map error."""
+    model, Xtr, _, Xte, _ = digits
+    nan = float("nan")
+    target = torch.tensor([[1.0, nan, 1.0], [nan, 1.0, nan], [1.0, nan, 1.0]])
+    layers = ["relu1", "relu2", PENULTIMATE]
+    result = shift(model, None, Xtr, target_map=target, map_layers=layers, eval_data=Xte, steps=11, keep="last")
+    constrained = ~torch.isnan(target)
+    expected = float((result.map_after - target).abs()[constrained].mean())
+    assert result.map_error_after == pytest.approx(expected, rel=1e-6)
+    assert result.map_after.shape == (3, 3) and not bool(torch.isnan(result.map_after).any())
+    assert result.to_dict()["target_map"][0][1] is None  # NaN -> null in JSON
+    scalar = shift(model, None, Xtr[:200], target_map=1.0, map_layers=layers[:2], steps=0)
+    assert torch.equal(scalar.target_map, torch.ones(2, 2))

@@ -1044,9 +1044,9 @@ def shift(
                     )
                 if map_mode:
                     M = estimate.map([rows[name] for name in layers])
-                    free = torch.isnan(T)  # type: ignore[arg-type]
-                    target_t = torch.where(free, M.detach(), T.to(M.device))  # type: ignore[union-attr]
-                    similarity = _log_cosh(M - target_t)[~free.to(M.device)].mean()
+                    target_on_device = T.to(M.device)  # type: ignore[union-attr]
+                    free = torch.isnan(target_on_device)
+                    similarity = _log_cosh(M - torch.where(free, M.detach(), target_on_device))[~free].mean()
                     estimate_value = float(_map_error(M.detach().cpu(), T))
                 else:
                     value = estimate.pair(rows[layer], chunk.reference[index].to(rows[layer].device))  # type: ignore[index]
