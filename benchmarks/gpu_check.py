@@ -11,6 +11,7 @@ Prints one line per check and exits 1 if any failed. (The tests run on CPU; this
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 import warnings
@@ -38,9 +39,11 @@ def main() -> int:
     import repsim_plugin as rp
     from repsim_plugin.digits import load_digits_split, train_digits_cnn
 
-    assert torch.cuda.is_available(), "no CUDA device"
-    cuda = torch.device("cuda")
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}", flush=True)
+    # GPU_CHECK_DEVICE=cpu runs the same script on the CPU (a dry run of the script itself)
+    cuda = torch.device(os.environ.get("GPU_CHECK_DEVICE", "cuda"))
+    if cuda.type == "cuda":
+        assert torch.cuda.is_available(), "no CUDA device"
+        print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}", flush=True)
 
     @check("every registered measure: CUDA value == CPU value, result on the input's device")
     def _measures():
@@ -51,7 +54,7 @@ def main() -> int:
         for mid in rp.measures.list():
             m = rp.measures.make(mid)
             on_gpu = m(X.to(cuda), Y.to(cuda))
-            assert on_gpu.device.type == "cuda", f"{mid} returned on {on_gpu.device}"
+            assert on_gpu.device.type == cuda.type, f"{mid} returned on {on_gpu.device}"
             diff = abs(float(on_gpu) - float(m(X, Y)))
             assert diff < 1e-9, f"{mid}: |gpu - cpu| = {diff}"
             worst = max(worst, diff)
@@ -64,10 +67,10 @@ def main() -> int:
     layers = ["relu1", "relu2", "fc1", "relu3", "fc2"]
     ga, gb = train_digits_cnn(seed=0)[0].to(cuda), train_digits_cnn(seed=1)[0].to(cuda)
 
-    @check("compare on CUDA == compare on CPU for every estimator; models untouched")
+    @check("compare on CUDA: statistics on the GPU == on the CPU (same rows); end to end close to CPU forwards")
     def _compare():
         fingerprint = rp.adapters.for_model(ga).fingerprint()
-        worst = 0.0
+        same_rows = end_to_end = 0.0
         for measure, estimator in [
             ("cka", "feature_streaming"),
             ("debiased_cka", "feature_streaming"),
@@ -76,21 +79,28 @@ def main() -> int:
             ("rbf_cka", "captured"),
             ("procrustes", "captured"),
         ]:
-            cpu = rp.compare(a, b, data, layers, layers, measure, estimator=estimator, progress=False)
             gpu = rp.compare(ga, gb, data, layers, layers, measure, estimator=estimator, progress=False)
-            diff = float((cpu.values - gpu.values).abs().max())
-            assert diff < 1e-9, f"{measure}/{estimator}: max |gpu - cpu| = {diff}"
+            # the same GPU forward passes, rows moved to the CPU and accumulated there
+            rows_on_cpu = rp.compare(
+                ga, gb, data, layers, layers, measure, estimator=estimator, device="cpu", progress=False
+            )
+            cpu = rp.compare(a, b, data, layers, layers, measure, estimator=estimator, progress=False)
+            d_same = float((gpu.values - rows_on_cpu.values).abs().max())
+            d_end = float((gpu.values - cpu.values).abs().max())
+            assert d_same < 1e-10, f"{measure}/{estimator}: GPU vs CPU statistics on the same rows differ by {d_same}"
+            # float32 convolutions differ between the devices in the last bits, so the rows (not the statistics) do
+            assert d_end < 1e-5, f"{measure}/{estimator}: GPU vs CPU forward passes differ by {d_end}"
             assert gpu.fingerprints == cpu.fingerprints, "fingerprints depend on the device"
-            worst = max(worst, diff)
-        assert all(p.device.type == "cuda" for p in ga.parameters()), "the model was moved"
+            same_rows, end_to_end = max(same_rows, d_same), max(end_to_end, d_end)
+        assert all(p.device.type == cuda.type for p in ga.parameters()), "the model was moved"
         assert rp.adapters.for_model(ga).fingerprint() == fingerprint, "the model was modified"
-        return f"max |gpu - cpu| = {worst:.1e}"
+        return f"same rows: max diff {same_rows:.1e}; GPU vs CPU forward passes: max diff {end_to_end:.1e}"
 
     @check("capture keeps rows on the GPU by default and moves them with device='cpu'")
     def _devices():
         with rp.capture(ga, ["relu3"]) as rec:
             ga(Xte[:32].to(cuda))
-        assert rec.activations["relu3"].device.type == "cuda"
+        assert rec.activations["relu3"].device.type == cuda.type
         with rp.capture(ga, ["relu3"], device="cpu") as rec:
             ga(Xte[:32].to(cuda))
         assert rec.activations["relu3"].device.type == "cpu"
@@ -121,9 +131,19 @@ def main() -> int:
     @check("adversarial.shift on a CUDA model returns a CUDA copy and leaves the original unchanged")
     def _shift():
         before = rp.adapters.for_model(ga).fingerprint()
-        train = list(zip(load_digits_split()[0].split(128), load_digits_split()[1].split(128), strict=True))
-        result = rp.adversarial.shift(ga, "relu3", train, target=0.2, steps=20, eval_data=data, progress=False)
-        assert next(result.model.parameters()).device.type == "cuda"
+        Xtr, ytr, _, _ = load_digits_split()
+        result = rp.adversarial.shift(
+            ga,
+            "relu3",
+            (Xtr, ytr),
+            target=0.2,
+            eval_data=(Xte, yte),
+            steps=300,
+            temperature=1.0,
+            criterion="agreement",
+            tolerance=0.02,
+        )
+        assert next(result.model.parameters()).device.type == cuda.type
         assert rp.adapters.for_model(ga).fingerprint() == before
         return f"CKA {result.measure_before:.3f} -> {result.measure_after:.3f}, agreement {result.agreement:.3f}"
 

@@ -31,6 +31,7 @@ __all__ = ["DEFAULT_MEMORY_BUDGET", "ESTIMATOR_CHOICES", "compare", "compare_che
 #: Default memory budget for statistics / kept activations: 4 GiB.
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
 ESTIMATOR_CHOICES = ("auto", "feature_streaming", "sample_space", "minibatch", "captured")
+MINIBATCH_MIN_ROWS = 4
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -300,6 +301,8 @@ class _Engine:
         self.plan: _Plan | None = None
         self.accumulators: dict[_Pair, Any] = {}
         self.dtype: torch.dtype | None = None
+        #: rows of batches too small for minibatch CKA (unbiased HSIC needs 4), left out and recorded
+        self.skipped_rows = 0
 
     def _rows(self, pair: _Pair) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
         rows_i = _select(self.sides[pair.i].rows or {}, pair.sub_i)
@@ -361,6 +364,19 @@ class _Engine:
                     "use max_batches=."
                 )
             return
+        if self.plan.estimator == "minibatch":
+            rows = _batch_rows(self.sides[0].rows or {})
+            if rows < MINIBATCH_MIN_ROWS:
+                if not self.skipped_rows:
+                    warnings.warn(
+                        f"minibatch CKA skips a batch of {rows} rows: each batch's unbiased HSIC needs at least "
+                        f"{MINIBATCH_MIN_ROWS}. The result records the skipped rows (extra['minibatch_skipped_rows']); "
+                        "use drop_last=True or a batch size that divides the data to avoid it.",
+                        EstimatorChoiceWarning,
+                        stacklevel=4,
+                    )
+                self.skipped_rows += rows
+                return
         for pair, acc in self.accumulators.items():
             rows_a, rows_b = self._rows(pair)
             if rows_b is None:
@@ -535,7 +551,7 @@ def _result(engine: _Engine, pair: _Pair, *, seed: int | None, extra: Mapping[st
         measure=engine.measure.id,
         estimator=engine.plan.estimator,
         reduction=reduction,
-        n=_global_count(side_a.n, None),
+        n=_global_count(side_a.n - engine.skipped_rows, None),
         dtype=str(engine.dtype).replace("torch.", ""),
         seed=seed,
         fingerprints={"a": side_a.recorder.adapter.fingerprint(), "b": side_b.recorder.adapter.fingerprint()},
@@ -545,6 +561,7 @@ def _result(engine: _Engine, pair: _Pair, *, seed: int | None, extra: Mapping[st
             "estimator_reason": engine.plan.reason,
             "data_fingerprint": side_a.data_hash.hexdigest(),
             "world_size": _world()[0],
+            **({"minibatch_skipped_rows": engine.skipped_rows} if engine.skipped_rows else {}),
             **extra,
         },
     )

@@ -97,6 +97,18 @@ def test_minibatch_estimator_sums_hsics_per_batch(cnns, batches):
     assert float(result.values[0, 0]) == pytest.approx(xy / (xx * yy) ** 0.5, abs=1e-10)
 
 
+def test_minibatch_skips_and_records_a_too_small_last_batch(cnns, batches):
+    a, b = cnns
+    short = [*batches[:-1], (batches[-1][0][:3], batches[-1][1][:3])]  # a last batch of 3 rows
+    with pytest.warns(EstimatorChoiceWarning, match="skips a batch of 3 rows"):
+        result = rp.compare(a, b, short, ["relu3"], ["relu3"], "debiased_cka", estimator="minibatch", progress=False)
+    reference = rp.compare(
+        a, b, batches[:-1], ["relu3"], ["relu3"], "debiased_cka", estimator="minibatch", progress=False
+    )
+    assert torch.equal(result.values, reference.values)
+    assert result.extra["minibatch_skipped_rows"] == 3 and result.n == reference.n == 192
+
+
 def test_one_forward_per_model_per_batch(cnns, batches):
     a, b = cnns
     calls = {"a": 0, "b": 0}
