@@ -62,16 +62,13 @@ def _model_device(model: nn.Module) -> torch.device | None:
 
 
 def _to_device(obj: Any, device: torch.device | None) -> Any:
+    """Move the tensors of a batch's model inputs (a tensor, a mapping, a list or tuple of them) to ``device``."""
     if device is None:
         return obj
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
-    if isinstance(obj, Mapping):
-        return (
-            type(obj)({k: _to_device(v, device) for k, v in obj.items()})
-            if isinstance(obj, dict)
-            else {k: _to_device(v, device) for k, v in obj.items()}
-        )
+    if isinstance(obj, Mapping):  # BatchEncoding and other mappings become plain dicts of keyword arguments
+        return {k: _to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_device(v, device) for v in obj)
     return obj
@@ -107,8 +104,7 @@ class _Side:
     recorder: Recorder
     rows: dict[str, torch.Tensor] | None = None
     kept: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    data_hash: Any = field(default_factory=hashlib.sha256)
-    label_hash: Any = field(default_factory=hashlib.sha256)
+    stream: int = 0  # which data stream feeds this side (0: ``data``; 1: ``data_b``)
     n: int = 0
 
     def receive(self, rows: dict[str, torch.Tensor]) -> None:
@@ -303,6 +299,9 @@ class _Engine:
         self.dtype: torch.dtype | None = None
         #: rows of batches too small for minibatch CKA (unbiased HSIC needs 4), left out and recorded
         self.skipped_rows = 0
+        #: per data stream: sha256 of the inputs (None when not fingerprinted) and of the labels / sample ids
+        self.data_hashes: list[Any] = []
+        self.label_hashes: list[Any] = []
 
     def _rows(self, pair: _Pair) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
         rows_i = _select(self.sides[pair.i].rows or {}, pair.sub_i)
@@ -429,81 +428,77 @@ def _progress(iterable: Iterable[Any], enabled: bool, total: int | None, desc: s
 def _run(
     sides: list[_Side],
     pairs: list[_Pair],
-    data: Iterable[Any],
+    streams: Sequence[Iterable[Any]],
     measure: Measure,
     *,
-    data_per_side: Sequence[Iterable[Any] | None] | None = None,
     estimator: str,
     memory_budget: int,
     progress: bool,
     max_batches: int | None,
+    fingerprint_data: bool = True,
 ) -> _Engine:
-    """Feed every batch through every side once, check the sides saw the same samples, update every pair."""
+    """Feed every batch through every side once, check the sides saw the same samples, update every pair.
+
+    ``streams[k]`` feeds the sides whose ``stream`` is k; with several streams they are read in lockstep.
+    """
     engine = _Engine(sides, pairs, measure, estimator=estimator, memory_budget=memory_budget)
     if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
         raise RepsimError(f"max_batches must be a positive int or None, got {max_batches!r}.")
-    streams: list[Iterable[Any]] = [data]
-    own = [k for k, d in enumerate(data_per_side or []) if d is not None]
-    streams += [data_per_side[k] for k in own]  # type: ignore[index]
+    engine.data_hashes = [hashlib.sha256() if fingerprint_data else None for _ in streams]
+    engine.label_hashes = [hashlib.sha256() for _ in streams]
     try:
-        total = len(data)  # type: ignore[arg-type]
+        total = len(streams[0])  # type: ignore[arg-type]
         total = total if max_batches is None else min(total, max_batches)
     except TypeError:
         total = max_batches
-    batches = zip(*streams, strict=True) if len(streams) > 1 else ((b,) for b in data)
-    for recorder in (s.recorder for s in sides):
-        recorder.start()
-    try:
-        for index, group in enumerate(_progress(batches, progress, total, "compare")):
-            if max_batches is not None and index >= max_batches:
-                break
-            for k, side in enumerate(sides):
-                batch = group[1 + own.index(k)] if k in own else group[0]
-                inputs, labels = side.recorder.adapter.split_batch(batch)
-                _digest(side.data_hash, inputs)
+    batches = zip(*streams, strict=True) if len(streams) > 1 else ((b,) for b in streams[0])
+    for index, group in enumerate(_progress(batches, progress, total, "compare")):
+        if max_batches is not None and index >= max_batches:
+            break
+        split: dict[int, tuple[Any, Any]] = {}
+        for side in sides:
+            if side.stream not in split:  # split and fingerprint each stream's batch once
+                inputs, labels = side.recorder.adapter.split_batch(group[side.stream])
+                if engine.data_hashes[side.stream] is not None:
+                    _digest(engine.data_hashes[side.stream], inputs)
                 if labels is not None:
-                    _digest(side.label_hash, labels)
-                side.rows = None
-                side.recorder.adapter.forward(_to_device(inputs, _model_device(side.model)))
-                if side.rows is None:
-                    raise RepsimError(
-                        f"model {side.label!r} produced no rows for batch {index}: its forward did not complete "
-                        "through the captured model."
-                    )
-                side.n += _batch_rows(side.rows)
-            counts = {side.label: _batch_rows(side.rows) for side in sides}  # type: ignore[arg-type]
-            if len(set(counts.values())) > 1:
+                    _digest(engine.label_hashes[side.stream], labels)
+                split[side.stream] = (inputs, labels)
+            side.rows = None
+            # each side's hooks are active during its own forward only: two sides may share one model
+            with side.recorder:
+                side.recorder.adapter.forward(_to_device(split[side.stream][0], _model_device(side.model)))
+            if side.rows is None:
                 raise RepsimError(
-                    f"batch {index}: the models produced different numbers of rows {counts}; they must see the "
-                    "same samples (with tokens='as_samples', the same tokens)."
+                    f"model {side.label!r} produced no rows for batch {index}: its forward did not complete "
+                    "through the captured model."
                 )
-            if index == 0:
-                engine.start(_estimate_n(data, max_batches, counts[sides[0].label]))
-            engine.update()
-    finally:
-        for recorder in reversed([s.recorder for s in sides]):  # LIFO: each restores what the previous saw
-            recorder.stop()
+            side.n += _batch_rows(side.rows)
+        counts = {side.label: _batch_rows(side.rows) for side in sides}  # type: ignore[arg-type]
+        if len(set(counts.values())) > 1:
+            raise RepsimError(
+                f"batch {index}: the models produced different numbers of rows {counts}; they must see the "
+                "same samples (with tokens='as_samples', the same tokens)."
+            )
+        if index == 0:
+            engine.start(_estimate_n(streams[0], max_batches, counts[sides[0].label]))
+        engine.update()
     if engine.plan is None:
         raise RepsimError("the data yielded no batches; pass an iterable of batches (a DataLoader, a list, ...).")
-    _check_same_samples(sides, data_per_side)
+    if len(streams) > 1:
+        _check_same_samples(engine.label_hashes)
     return engine
 
 
-def _check_same_samples(sides: list[_Side], data_per_side: Sequence[Iterable[Any] | None] | None) -> None:
-    """Verify, not assume, that all sides saw the same samples: same inputs, or same labels when inputs differ."""
-    if not data_per_side or not any(d is not None for d in data_per_side):
-        digests = {side.data_hash.hexdigest() for side in sides}
-        if len(digests) > 1:  # pragma: no cover - one stream feeds every side; kept as a guard
-            raise RepsimError("the models received different inputs from one data stream.")
-        return
-    labels = {side.label: side.label_hash.hexdigest() for side in sides}
-    empty = hashlib.sha256().hexdigest()
-    if empty in labels.values():
+def _check_same_samples(label_hashes: Sequence[Any]) -> None:
+    """Separate streams must yield the same labels / sample ids in the same order: checked, not assumed."""
+    digests = [h.hexdigest() for h in label_hashes]
+    if hashlib.sha256().hexdigest() in digests:
         raise RepsimError(
             "with separate data streams per model, each stream must yield labels (or sample ids) as (inputs, labels) "
             "pairs or a 'labels' key, so that the samples can be checked to be the same."
         )
-    if len(set(labels.values())) > 1:
+    if len(set(digests)) > 1:
         raise RepsimError(
             "the data streams of the models yielded different labels / sample ids: the models did not see the same "
             "samples in the same order (a shuffled loader on one side?). Use the same order for every model."
@@ -538,6 +533,10 @@ def _global_count(n: int, device: torch.device | None) -> int:
     return int(total.item())
 
 
+def _hexdigest(h: Any) -> str | None:
+    return None if h is None else h.hexdigest()
+
+
 def _result(engine: _Engine, pair: _Pair, *, seed: int | None, extra: Mapping[str, Any]) -> SimilarityMap:
     values, names_a, names_b = engine.compute(pair)
     side_a, side_b = engine.sides[pair.i], engine.sides[pair.j]
@@ -559,7 +558,12 @@ def _result(engine: _Engine, pair: _Pair, *, seed: int | None, extra: Mapping[st
             "model_a": side_a.label,
             "model_b": side_b.label,
             "estimator_reason": engine.plan.reason,
-            "data_fingerprint": side_a.data_hash.hexdigest(),
+            "data_fingerprint": _hexdigest(engine.data_hashes[side_a.stream]),
+            **(
+                {"data_fingerprint_b": _hexdigest(engine.data_hashes[side_b.stream])}
+                if side_b.stream != side_a.stream
+                else {}
+            ),
             "world_size": _world()[0],
             **({"minibatch_skipped_rows": engine.skipped_rows} if engine.skipped_rows else {}),
             **extra,
@@ -630,13 +634,13 @@ def compare(
             _make_side(label_a, model_a, layers_a, capture_args, adapter_a),
             _make_side(label_b, model_b or model_a, layers_b, capture_args, adapter_b),
         ]
+        sides[1].stream = 0 if data_b is None else 1
         pair = _Pair(0, 1)
     engine = _run(
         sides,
         [pair],
-        data,
+        [data] if data_b is None else [data, data_b],
         m,
-        data_per_side=[None, data_b] if len(sides) == 2 else None,
         estimator=estimator,
         memory_budget=parse_bytes(memory_budget),
         progress=progress,
@@ -750,7 +754,7 @@ def compare_checkpoints(
     engine = _run(
         sides,
         pairs,
-        data,
+        [data],
         m,
         estimator=estimator,
         memory_budget=parse_bytes(memory_budget),

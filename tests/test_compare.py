@@ -170,6 +170,19 @@ def test_samples_are_checked_not_assumed(cnns, batches):
         rp.compare(a, b, [x for x, _ in batches], LAYERS, LAYERS, data_b=[x for x, _ in batches], progress=False)
 
 
+def test_one_model_on_two_data_streams(cnns, batches):
+    """The same model on clean and on noisy inputs: two sides share one model, each hooked only in its forward."""
+    a, _ = cnns
+    g = torch.Generator().manual_seed(0)
+    noisy = [(x + 0.2 * torch.randn(x.shape, generator=g), y) for x, y in batches]
+    result = rp.compare(a, a, batches, ["relu3"], ["relu3"], data_b=noisy, progress=False)
+    clean_rows = _activations(a, batches, ["relu3"])["relu3"]
+    noisy_rows = _activations(a, noisy, ["relu3"])["relu3"]
+    assert float(result.values[0, 0]) == pytest.approx(rp.similarity(clean_rows, noisy_rows), abs=1e-10)
+    assert 0.5 < float(result.values[0, 0]) < 0.999
+    assert result.extra["data_fingerprint"] != result.extra["data_fingerprint_b"]
+
+
 def test_result_provenance_and_round_trip(cnns, batches, tmp_path):
     a, b = cnns
     result = rp.compare(a, b, batches, LAYERS, LAYERS, measure="debiased_cka", seed=3, progress=False)
