@@ -600,6 +600,7 @@ def compare(
     adapter_b: Any = "auto",
     seed: int | None = None,
     names: tuple[str, str] | None = None,
+    fingerprint_data: bool = True,
 ) -> SimilarityMap:
     """Layer x layer similarity of two models (``model_b=None`` or the same object: a model with itself).
 
@@ -609,7 +610,9 @@ def compare(
     adapter's default layers). ``device`` is where rows and statistics go (default: where each layer produces
     them); inputs always go to each model's own device, and the models are never moved or modified. ``data_b``
     feeds model B from its own stream (e.g. another tokenizer); both streams must then yield labels or sample ids,
-    which are checked to agree batch by batch.
+    which are checked to agree batch by batch. ``fingerprint_data`` records a sha256 of every input batch in
+    ``result.extra["data_fingerprint"]`` (provenance; turn it off when hashing the inputs costs more than the
+    forward passes, e.g. large images on a fast GPU).
     """
     m = make(measure)
     capture_args = {"tokens": tokens, "spatial": spatial, "output": output, "device": device}
@@ -645,6 +648,7 @@ def compare(
         memory_budget=parse_bytes(memory_budget),
         progress=progress,
         max_batches=max_batches,
+        fingerprint_data=fingerprint_data,
     )
     return _result(engine, pair, seed=seed, extra={})
 
@@ -716,6 +720,7 @@ def compare_checkpoints(
     max_batches: int | None = None,
     memory_budget: int | str = DEFAULT_MEMORY_BUDGET,
     seed: int | None = None,
+    fingerprint_data: bool = True,
 ) -> dict[tuple[str, str], SimilarityMap]:
     """Compare checkpoints of one architecture: every pair, or each against ``reference`` (index or path).
 
@@ -760,6 +765,7 @@ def compare_checkpoints(
         memory_budget=parse_bytes(memory_budget),
         progress=progress,
         max_batches=max_batches,
+        fingerprint_data=fingerprint_data,
     )
     return {
         (names[p.i], names[p.j]): _result(

@@ -190,6 +190,8 @@ def test_result_provenance_and_round_trip(cnns, batches, tmp_path):
     assert result.reduction["layout"]["conv1"] == "NCHW"
     assert result.dtype == "float32" and result.seed == 3
     assert result.extra["estimator_reason"] and len(result.extra["data_fingerprint"]) == 64
+    unhashed = rp.compare(a, b, batches, LAYERS, LAYERS, "debiased_cka", fingerprint_data=False, progress=False)
+    assert unhashed.extra["data_fingerprint"] is None and torch.equal(unhashed.values, result.values)
     assert result.fingerprints["a"] == rp.adapters.for_model(a).fingerprint()
     loaded = rp.SimilarityMap.load(result.save(tmp_path / "map.json"))
     assert loaded == result and torch.equal(loaded.values, result.values)
