@@ -132,7 +132,7 @@ def test_shift_moves_a_minilm_block_while_sentence_embeddings_keep_their_directi
     # Few steps: a small lambda (the paper's 500 is for tens of epochs with a per-epoch schedule) and a warm-up
     # (Adam's first steps move every weight by about lr, which alone costs ~0.03 of embedding cosine at lr 1e-4).
     result = shift(
-        model, BLOCK, batch, target=0.3, preserve="embedding", tolerance=0.02, steps=24, lr=1e-4, batch_size=64,
+        model, BLOCK, batch, target=0.3, preserve="embedding", tolerance=0.01, steps=30, lr=1e-4, batch_size=64,
         lambda_init=0.5, warmup=0.2, eval_every=2,
     )  # fmt: skip
     assert state_dict_fingerprint(model) == fingerprint
@@ -141,12 +141,11 @@ def test_shift_moves_a_minilm_block_while_sentence_embeddings_keep_their_directi
     cka_after = linear_cka(pooled(result.model, batch, 4), pooled(model, batch, 4))
     assert cka_after == pytest.approx(result.measure_after, abs=1e-5)
     assert result.measure_before == pytest.approx(1.0, abs=1e-6)
-    assert 1.0 - cka_after >= 0.3  # measured 0.57 (CKA 0.43)
+    assert 1.0 - cka_after >= 0.3  # measured 0.58 (CKA 0.42)
     # the sentence embeddings (mean-pooled last hidden state) keep their direction
     cosine = torch.nn.functional.cosine_similarity(pooled(result.model, batch, -1), pooled(model, batch, -1), dim=1)
     assert float(cosine.mean()) == pytest.approx(result.cosine, abs=1e-5)
-    assert float(cosine.mean()) >= 0.98  # measured 0.989
-    assert float(cosine.min()) >= 0.95  # measured 0.979
+    assert float(cosine.min()) >= 0.98  # every sentence; measured min 0.986, mean 0.994
     assert result.kept and result.history[0]["lambda"] == 0.5
 
 
