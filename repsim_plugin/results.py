@@ -83,6 +83,14 @@ def state_dict_fingerprint(model_or_state_dict: torch.nn.Module | Mapping[str, t
     return "sha256:" + h.hexdigest()
 
 
+def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Write a matplotlib figure atomically, in the format its suffix names (PNG when there is none)."""
+    target = Path(path)
+    fmt = target.suffix.lstrip(".").lower() or "png"
+    _atomic_write(target, lambda handle: fig.savefig(handle, format=fmt), mode="wb")
+    return target
+
+
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
     """Write via a temporary file in the target folder and ``os.replace`` it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -443,7 +451,5 @@ class SimilarityMap:
             return ax
         fig.tight_layout()
         if path_or_ax is not None:
-            path = Path(path_or_ax)
-            fmt = path.suffix.lstrip(".").lower() or "png"
-            _atomic_write(path, lambda handle: fig.savefig(handle, format=fmt), mode="wb")
+            save_figure(fig, path_or_ax)
         return fig

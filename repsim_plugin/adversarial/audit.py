@@ -19,6 +19,7 @@ the measure.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -35,7 +36,7 @@ from ..capture import capture
 from ..compare import _model_device, _to_device
 from ..errors import DegenerateInputError, RepsimError, SmallSampleBiasWarning
 from ..measures import Measure, make
-from ..results import _atomic_write, state_dict_fingerprint
+from ..results import _atomic_write, save_figure, state_dict_fingerprint
 from .optimize import (
     MIN_BATCH,
     ShiftResult,
@@ -337,9 +338,7 @@ class AuditReport:
             return ax
         fig.tight_layout()
         if path_or_ax is not None:
-            path = Path(path_or_ax)
-            fmt = path.suffix.lstrip(".").lower() or "png"
-            _atomic_write(path, lambda handle: fig.savefig(handle, format=fmt), mode="wb")
+            save_figure(fig, path_or_ax)
         return fig
 
 
@@ -687,6 +686,13 @@ def audit(
         W = _fit_probe(H, classes, seed)
         probe = True
     nonneg = bool((H >= 0).all())
+    # what every analytic change is evaluated against (the change itself varies: name, description, moved rows)
+    analytic_change = functools.partial(
+        _analytic_change,
+        HB=HB, resolved=resolved, failures=failures, model_a=model_a, layer_a=layer_a, chunks=eval_chunks,
+        batch_size=eval_batch, tokens=tokens, spatial=spatial, preserve=preserve, outputs=outputs, W=W,
+        head_name=head_name, probe=probe, layer_shape=layer_shape,
+    )  # fmt: skip
     v = None
     if W is not None:
         try:
@@ -712,7 +718,7 @@ def audit(
         c = scale_for_target_cka(H, mask, v, target=goal)
         moved = translate_subset(H, mask, v, c)
         changes.append(
-            _analytic_change(
+            analytic_change(
                 "subset translation",
                 "subset_translation",
                 f"{subset} moved by c = {c:.3g} along a {how}"
@@ -726,21 +732,6 @@ def audit(
                 + f"; Theorem 1's limit of linear CKA(A, A') is {limit:.3f}.",
                 H,
                 moved,
-                HB,
-                resolved,
-                failures,
-                model_a,
-                layer_a,
-                eval_chunks,
-                eval_batch,
-                tokens,
-                spatial,
-                preserve,
-                outputs,
-                W,
-                head_name,
-                probe,
-                layer_shape,
                 details={
                     "c": c,
                     "limit": limit,
@@ -764,28 +755,13 @@ def audit(
         else:
             outlier = translate_subset(H, single, v, c_out)
             changes.append(
-                _analytic_change(
+                analytic_change(
                     "single outlier",
                     "outlier",
                     f"sample {index} (the one closest to the mean) moved by c = {c_out:.3g} "
                     f"({c_out / scale:.1f} x the data scale) along the same direction; limit {o_limit:.3f}.",
                     H,
                     outlier,
-                    HB,
-                    resolved,
-                    failures,
-                    model_a,
-                    layer_a,
-                    eval_chunks,
-                    eval_batch,
-                    tokens,
-                    spatial,
-                    preserve,
-                    outputs,
-                    W,
-                    head_name,
-                    probe,
-                    layer_shape,
                     details={"c": c_out, "index": index, "limit": o_limit, "scale": scale, "direction": v.tolist()},
                 )
             )
@@ -869,6 +845,7 @@ def _analytic_change(
     description: str,
     H: torch.Tensor,
     moved: torch.Tensor,
+    *,
     HB: torch.Tensor,
     resolved: dict[str, Measure],
     failures: dict[str, str],
