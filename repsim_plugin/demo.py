@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("and the claim 'A is CKA-similar to B' changes with it; mean CCA (invariant to invertible linear maps)")
     print("does not move. Report several measures.")
 
-    _section("3. audit: how far can fine-tuning move CKA while the predictions stay the same?")
+    _section("3. audit: how far can fine-tuning move CKA while 98% of held-out predictions stay the same?")
     # fine-tune on the training digits, judge on the held-out ones; "kept" = top-1 agreement with A >= 98%
     report = adv.audit(
         model_a,
