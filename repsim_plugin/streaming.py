@@ -631,15 +631,7 @@ class _Moments:
             xy = (crosssq - c1 * Q + c2 * torch.outer(sA, sB)) * c3
             xx = (selfA - c1 * qA + c2 * sA * sA) * c3
             yy = (selfB - c1 * qB + c2 * sB * sB) * c3
-        for values, lay, label in ((xx, A, names[0]), (yy, B, names[1])):
-            for name, value in zip(lay.names, values, strict=True):
-                if not bool(value > 0):
-                    raise DegenerateInputError(
-                        f"HSIC of {label(name)} with itself is {float(value):.3g}, not positive, so CKA is undefined. "
-                        "With debiased=True this happens at very small n or for a nearly constant representation: "
-                        "use more samples, or check that the layer varies across inputs."
-                    )
-        return xy / torch.sqrt(torch.outer(xx, yy))
+        return _ratio_table(xy, xx, yy, ((A.names, names[0]), (B.names, names[1])))
 
 
 # --- the accumulator base -------------------------------------------------------------------------------------------
