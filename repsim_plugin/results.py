@@ -91,6 +91,31 @@ def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
     return target
 
 
+def _axes_for(path_or_ax: Any, figsize: tuple[float, float], dpi: int) -> tuple[Any, Any]:
+    """The (figure, axes) to draw into: the caller's Axes, or a new Figure (no pyplot state touched)."""
+    from matplotlib.axes import Axes
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if isinstance(path_or_ax, Axes):
+        return path_or_ax.figure, path_or_ax
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _finish_plot(fig: Any, ax: Any, path_or_ax: Any) -> Any:
+    """Return the caller's Axes as is; otherwise lay the figure out, save it when a path was given, return it."""
+    from matplotlib.axes import Axes
+
+    if isinstance(path_or_ax, Axes):
+        return ax
+    fig.tight_layout()
+    if path_or_ax is not None:
+        save_figure(fig, path_or_ax)
+    return fig
+
+
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
     """Write via a temporary file in the target folder and ``os.replace`` it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -412,17 +437,8 @@ class SimilarityMap:
         matplotlib Axes to draw into (returns it), or None (returns a new Figure; no pyplot state is touched).
         ``annotate``: write the values in the cells; by default only for maps of at most 256 cells.
         """
-        from matplotlib.axes import Axes
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
         La, Lb = self.shape
-        if isinstance(path_or_ax, Axes):
-            ax, fig = path_or_ax, path_or_ax.figure
-        else:
-            fig = Figure(figsize=(max(4.0, 1.2 + 0.45 * Lb), max(3.5, 1.2 + 0.4 * La)), dpi=dpi)
-            FigureCanvasAgg(fig)
-            ax = fig.add_subplot(1, 1, 1)
+        fig, ax = _axes_for(path_or_ax, (max(4.0, 1.2 + 0.45 * Lb), max(3.5, 1.2 + 0.4 * La)), dpi)
         data = self.values.numpy()
         image = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
         ax.set_xticks(range(Lb), labels=self.layers_b, rotation=60, ha="right", fontsize=8)
@@ -447,9 +463,4 @@ class SimilarityMap:
                         fontsize=7,
                         color="black" if data[i, j] > mid else "white",
                     )
-        if isinstance(path_or_ax, Axes):
-            return ax
-        fig.tight_layout()
-        if path_or_ax is not None:
-            save_figure(fig, path_or_ax)
-        return fig
+        return _finish_plot(fig, ax, path_or_ax)

@@ -36,7 +36,7 @@ from ..capture import capture
 from ..compare import _model_device, _to_device
 from ..errors import DegenerateInputError, RepsimError, SmallSampleBiasWarning
 from ..measures import Measure, make
-from ..results import _atomic_write, save_figure, state_dict_fingerprint
+from ..results import _atomic_write, _axes_for, _finish_plot, state_dict_fingerprint
 from .optimize import (
     MIN_BATCH,
     ShiftResult,
@@ -298,16 +298,7 @@ class AuditReport:
         ``path_or_ax``: a file path (written atomically; returns the Figure), a matplotlib Axes, or None (a new
         Figure; no pyplot state is touched).
         """
-        from matplotlib.axes import Axes
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        if isinstance(path_or_ax, Axes):
-            ax, fig = path_or_ax, path_or_ax.figure
-        else:
-            fig = Figure(figsize=(max(6.0, 1.6 * len(self.measures) + 4.0), 4.0), dpi=dpi)
-            FigureCanvasAgg(fig)
-            ax = fig.add_subplot(1, 1, 1)
+        fig, ax = _axes_for(path_or_ax, (max(6.0, 1.6 * len(self.measures) + 4.0), 4.0), dpi)
         markers = "o^vsDPX*h"
         width = 0.6
         count = len(self.changes)
@@ -334,12 +325,7 @@ class AuditReport:
         ax.set_title(f"audit: {self.claim_measure} claim {self.claim:.3f}; changes keep A's outputs", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-        if isinstance(path_or_ax, Axes):
-            return ax
-        fig.tight_layout()
-        if path_or_ax is not None:
-            save_figure(fig, path_or_ax)
-        return fig
+        return _finish_plot(fig, ax, path_or_ax)
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
