@@ -35,6 +35,7 @@ sums unbiased HSICs of each batch and normalizes at the end; it is its own estim
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -637,6 +638,21 @@ class _Moments:
 # --- the accumulator base -------------------------------------------------------------------------------------------
 
 
+def _own(value: Any) -> Any:
+    """A copy of accumulator state that later updates of the original cannot reach.
+
+    Tensors and ``_Moments`` are cloned, accumulators copied, dicts copied entry by entry; lists of row batches are
+    copied shallowly (batches are only ever appended, never changed in place).
+    """
+    if isinstance(value, dict):
+        return {k: _own(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return list(value)
+    if isinstance(value, _Accumulator):
+        return value._copy()
+    return None if value is None else value.clone()
+
+
 class _Accumulator:
     """Shared life cycle: reduced flag, ``compute(sync=...)`` semantics, state-dict header checks."""
 
@@ -693,8 +709,14 @@ class _Accumulator:
                 "stream, or compute(sync='auto') without all_reduce() (it reduces a copy)."
             )
 
+    # attributes holding the statistics: a copy (compute's reduced copy) gets its own, the rest is shared
+    _STATE_ATTRS: tuple[str, ...] = ()
+
     def _copy(self) -> _Accumulator:
-        raise NotImplementedError
+        out = copy.copy(self)
+        for name in self._STATE_ATTRS:
+            setattr(out, name, _own(getattr(self, name)))
+        return out
 
     def all_reduce(self, group: Any = None) -> None:
         raise NotImplementedError
@@ -759,6 +781,7 @@ class LinearCKAMap(_Accumulator):
     """
 
     _kind = "LinearCKAMap"
+    _STATE_ATTRS = ("_m",)
 
     def __init__(self, debiased: bool = False, *, same: bool | None = None, process_group: Any = None) -> None:
         super().__init__(process_group)
@@ -870,12 +893,6 @@ class LinearCKAMap(_Accumulator):
             self._m.all_reduce_(group)
         self._reduced = True
 
-    def _copy(self) -> LinearCKAMap:
-        out = type(self).__new__(type(self))
-        out.__dict__.update(self.__dict__)
-        out._m = None if self._m is None else self._m.clone()
-        return out
-
     def _compute_local(self) -> torch.Tensor:
         if self._m is None:
             raise TooFewSamplesError(f"{type(self).__name__}.compute: no batch has been added yet; call update first.")
@@ -964,6 +981,7 @@ class LinearCKA(_Accumulator):
     """
 
     _kind = "LinearCKA"
+    _STATE_ATTRS = ("_map",)
 
     def __init__(self, debiased: bool = False, *, process_group: Any = None) -> None:
         super().__init__(process_group)
@@ -1069,6 +1087,7 @@ class SampleSpaceCKAMap(_Accumulator):
     """
 
     _kind = "SampleSpaceCKAMap"
+    _STATE_ATTRS = ("_rows_a", "_rows_b")
 
     def __init__(self, debiased: bool = False, *, same: bool | None = None, process_group: Any = None) -> None:
         super().__init__(process_group)
@@ -1176,13 +1195,6 @@ class SampleSpaceCKAMap(_Accumulator):
         self._rows_b = None if B is None else {k: [g["b"][k].to(device) for g in gathered] for k in B}
         self._n = sum(next(iter(g["a"].values())).shape[0] for g in gathered)
         self._reduced = True
-
-    def _copy(self) -> SampleSpaceCKAMap:
-        out = type(self).__new__(type(self))
-        out.__dict__.update(self.__dict__)
-        out._rows_a = None if self._rows_a is None else {k: list(v) for k, v in self._rows_a.items()}
-        out._rows_b = None if self._rows_b is None else {k: list(v) for k, v in self._rows_b.items()}
-        return out
 
     def _compute_local(self) -> torch.Tensor:
         if self._rows_a is None:
@@ -1307,6 +1319,7 @@ class MinibatchCKA(_SumState):
     """
 
     _kind = "MinibatchCKA"
+    _STATE_ATTRS = ("sums",)
 
     def __init__(self, kernel: str = "linear", *, process_group: Any = None, **kernel_params: Any) -> None:
         super().__init__(process_group)
@@ -1353,12 +1366,6 @@ class MinibatchCKA(_SumState):
         self.batches += other.batches
         self.n += other.n
 
-    def _copy(self) -> MinibatchCKA:
-        out = type(self).__new__(type(self))
-        out.__dict__.update(self.__dict__)
-        out.sums = None if self.sums is None else self.sums.clone()
-        return out
-
     def _compute_local(self) -> torch.Tensor:
         if self.batches == 0 or self.sums is None:
             raise TooFewSamplesError("MinibatchCKA.compute: no batch has been added yet; call update first.")
@@ -1399,6 +1406,7 @@ class MinibatchCKAMap(_SumState):
     """
 
     _kind = "MinibatchCKAMap"
+    _STATE_ATTRS = ("_state",)
 
     def __init__(
         self, kernel: str = "linear", *, same: bool | None = None, process_group: Any = None, **kernel_params: Any
@@ -1487,12 +1495,6 @@ class MinibatchCKAMap(_SumState):
                 self._state[k] += v.to(self._state[k].device)
         self.batches += other.batches
         self.n += other.n
-
-    def _copy(self) -> MinibatchCKAMap:
-        out = type(self).__new__(type(self))
-        out.__dict__.update(self.__dict__)
-        out._state = {k: v.clone() for k, v in self._state.items()}
-        return out
 
     def _compute_local(self) -> torch.Tensor:
         if self.batches == 0 or self._layers is None:
