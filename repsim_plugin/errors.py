@@ -1,10 +1,13 @@
-"""Exceptions and warnings.
+"""Every exception and warning class of the package.
 
 Every error is a ``ValueError`` subclass whose message names the problem and how to fix it, so callers that
-catch ``ValueError`` keep working while callers that care can catch the precise class.
+catch ``ValueError`` keep working while callers that care can catch the precise class. Misuse of an object's
+state (not a bad value) is a :class:`StateError`, which is also a ``RuntimeError``.
 """
 
 from __future__ import annotations
+
+# --- errors ---------------------------------------------------------------------------------------------------------
 
 
 class RepsimError(ValueError):
@@ -35,6 +38,25 @@ class UnknownNameError(RepsimError):
     """An unknown measure, layer or option name; the message lists the closest known names."""
 
 
+class LayerFiringError(RepsimError):
+    """A requested layer never ran during a forward pass, or ran a different number of times than expected."""
+
+
+class MemoryBudgetError(RepsimError):
+    """The chosen estimator or measure needs more memory than the budget allows."""
+
+
+class StateError(RepsimError, RuntimeError):
+    """An object was used in a state that does not allow the call (not a bad value): ``update`` after
+    ``all_reduce``, ``all_reduce`` without a process group, entering an active capture twice, ...
+
+    Also a ``RuntimeError``, and a :class:`RepsimError` so that callers catching the package's errors see it.
+    """
+
+
+# --- warnings -------------------------------------------------------------------------------------------------------
+
+
 class RepsimWarning(UserWarning):
     """Base class of the package's warnings."""
 
@@ -43,13 +65,18 @@ class SmallSampleBiasWarning(RepsimWarning):
     """Biased CKA is inflated because the number of features is comparable to the number of samples."""
 
 
+class TrivialCorrelationWarning(RepsimWarning):
+    """Too few samples for the dimensions: canonical correlations (or a regression fit) are forced to 1.
+
+    With n samples the centered data live in an (n-1)-dimensional space; two column spaces of ranks r_x and
+    r_y share at least ``r_x + r_y - (n - 1)`` directions whatever the data, and those canonical correlations
+    are exactly 1 (all of them once ``p >= n - 1``). Use more samples, or reduce the dimension first (SVCCA).
+    """
+
+
 class PluginLoadWarning(RepsimWarning):
     """A third-party measure plugin could not be loaded; the rest of the registry still works."""
 
 
 class EstimatorChoiceWarning(RepsimWarning):
     """``estimator="auto"`` chose an approximate estimator (minibatch CKA) because the exact one does not fit."""
-
-
-class MemoryBudgetError(RepsimError):
-    """The chosen estimator or measure needs more memory than the budget allows."""

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ._validation import prepare_pair
+from ._utils.inputs import prepare_pair
 from .errors import RepsimError, SmallSampleBiasWarning
 from .measures import Measure, make
 from .measures.cka import expected_null_cka

@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from ._validation import as_tensor, check_matrix
+from ._utils.inputs import as_tensor, check_matrix
 from .errors import (
     DegenerateInputError,
     InputShapeError,
@@ -56,8 +56,8 @@ from .errors import (
     SmallSampleBiasWarning,
     TooFewSamplesError,
 )
-from .measures.cka import NULL_BIAS_WARNING, _kernel_from_params, expected_null_cka
-from .measures.kernels import KERNEL_PARAMS, KERNELS, cka_from_hsic, hsic_unbiased
+from .measures.kernels import KERNEL_PARAMS, KERNELS, NULL_BIAS_WARNING, cka_from_hsic, expected_null_cka, hsic_unbiased
+from .measures.kernels import resolve_kernel as _kernel_from_params
 
 __all__ = [
     "LinearCKA",

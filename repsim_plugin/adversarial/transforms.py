@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._validation import check_matrix, check_not_constant
+from .._utils.inputs import check_matrix, check_not_constant
 from ..errors import DegenerateInputError, InputDtypeError, InputShapeError, UnknownNameError
 from ..measures.kernels import center_columns
 

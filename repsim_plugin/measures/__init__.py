@@ -10,6 +10,7 @@ from . import cca, cka, kernels, neighbors, procrustes, regression, rsa  # noqa:
 from .registry import (
     ENTRY_POINT_GROUP,
     INVARIANCES,
+    Estimator,
     Measure,
     Spec,
     aliases,
@@ -28,6 +29,7 @@ list = list_measures
 __all__ = [
     "ENTRY_POINT_GROUP",
     "INVARIANCES",
+    "Estimator",
     "Measure",
     "Spec",
     "aliases",

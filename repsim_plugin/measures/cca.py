@@ -25,19 +25,9 @@ from typing import Any
 
 import torch
 
-from ..errors import DegenerateInputError, RepsimError, RepsimWarning, UnknownNameError
+from ..errors import DegenerateInputError, RepsimError, TrivialCorrelationWarning, UnknownNameError
 from .kernels import center_columns
 from .registry import Measure, Spec, register_family
-
-
-class TrivialCorrelationWarning(RepsimWarning):
-    """Too few samples for the dimensions: canonical correlations (or a regression fit) are forced to 1.
-
-    With n samples the centered data live in an (n-1)-dimensional space; two column spaces of ranks r_x and
-    r_y share at least ``r_x + r_y - (n - 1)`` directions whatever the data, and those canonical correlations
-    are exactly 1 (all of them once ``p >= n - 1``). Use more samples, or reduce the dimension first (SVCCA).
-    """
-
 
 # --- shared linear algebra ---------------------------------------------------------------------------------------
 

@@ -6,30 +6,39 @@ Murphy et al. 2024 (bias of CKA at small n).
 
 from __future__ import annotations
 
-import math
-import warnings
 from typing import Any
 
 import torch
 
-from ..errors import RepsimError, SmallSampleBiasWarning, UnknownNameError
+from ..errors import RepsimError, UnknownNameError
 from .kernels import (
-    BANDWIDTH_RULES,
     DEFAULT_BANDWIDTH,
     KERNEL_PARAMS,
     KERNELS,
+    NULL_BIAS_WARNING,
     SCALE_DEPENDENT_KERNELS,
     center_columns,
     center_gram,
     cka_from_hsic,
+    expected_null_cka,
     hsic_unbiased,
     linear_hsic_unbiased_features,
+    resolve_kernel,
+    warn_small_sample_bias,
 )
-from .registry import Measure, Spec, register_family
+from .registry import Estimator, Measure, Spec, register_family
+
+__all__ = [
+    "HSIC_ESTIMATORS",
+    "NULL_BIAS_WARNING",
+    "build_cka",
+    "choose_space",
+    "expected_null_cka",
+    "kernel_cka",
+    "linear_cka",
+]
 
 HSIC_ESTIMATORS = {"gretton": "biased (Gretton et al. 2005)", "song": "unbiased (Song et al. 2012)"}
-#: Biased linear CKA of independent data is about sqrt(pq / ((n+p)(n+q))); above this we warn.
-NULL_BIAS_WARNING = 0.1
 
 
 def choose_space(n: int, p: int, q: int) -> str:
@@ -37,23 +46,6 @@ def choose_space(n: int, p: int, q: int) -> str:
     feature_cost = n * (p * q + p * p + q * q)
     sample_cost = n * n * (p + q + 3)
     return "feature" if feature_cost <= sample_cost else "sample"
-
-
-def expected_null_cka(n: int, p: int, q: int) -> float:
-    """Approximate biased linear CKA of independent Gaussian features: ``sqrt(pq / ((n+p)(n+q)))``."""
-    return math.sqrt(p * q / ((n + p) * (n + q)))
-
-
-def _warn_small_sample(n: int, p: int, q: int) -> None:
-    null = expected_null_cka(n, p, q)
-    if null > NULL_BIAS_WARNING:
-        warnings.warn(
-            f"biased linear CKA with n={n} samples and {p} / {q} features is inflated: independent random "
-            f"features of this shape already score about {null:.2f}. Report debiased CKA "
-            "(make('debiased_cka')) or use more samples.",
-            SmallSampleBiasWarning,
-            stacklevel=5,
-        )
 
 
 def linear_cka(X: torch.Tensor, Y: torch.Tensor, *, debiased: bool = False, space: str = "auto") -> torch.Tensor:
@@ -67,7 +59,7 @@ def linear_cka(X: torch.Tensor, Y: torch.Tensor, *, debiased: bool = False, spac
     if space == "auto":
         space = choose_space(n, p, q)
     if not debiased:
-        _warn_small_sample(n, p, q)
+        warn_small_sample_bias(n, p, q, "Report debiased CKA (make('debiased_cka')) or use more samples.")
     if space == "feature":
         if debiased:
             xy = linear_hsic_unbiased_features(Xc, Yc)
@@ -108,77 +100,12 @@ _REFERENCES = {
 }
 
 
-def _as_float(name: str, value: Any) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise RepsimError(f"{name} must be a number, got {value!r}.") from None
-    if not math.isfinite(out) or out <= 0:
-        raise RepsimError(f"{name} must be a positive finite number, got {value!r}.")
-    return out
-
-
 def _as_bool(name: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
     if value in ("true", "false"):
         return value == "true"
     raise RepsimError(f"{name} must be True or False, got {value!r}.")
-
-
-def _as_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise RepsimError(f"{name} must be a positive integer, got {value!r}.")
-    try:
-        out = int(value)
-    except (TypeError, ValueError):
-        raise RepsimError(f"{name} must be a positive integer, got {value!r}.") from None
-    if out < 1 or (isinstance(value, float) and value != out) or (isinstance(value, str) and str(out) != value):
-        raise RepsimError(f"{name} must be a positive integer, got {value!r}.")
-    return out
-
-
-def _as_nonnegative_float(name: str, value: Any) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise RepsimError(f"{name} must be a number, got {value!r}.") from None
-    if not math.isfinite(out) or out < 0:
-        raise RepsimError(f"{name} must be a non-negative finite number, got {value!r}.")
-    return out
-
-
-def _kernel_from_params(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Resolve ``kernel`` (a name or a parsed ``(name-k=v)`` spec) plus flat overrides like ``sigma=``."""
-    kernel = params.pop("kernel", "linear")
-    if isinstance(kernel, Spec):
-        name, kparams = kernel.name, dict(kernel.params)
-    else:
-        name, kparams = str(kernel), {}
-    if name not in KERNELS:
-        raise UnknownNameError(f"unknown kernel {name!r}; choose one of {sorted(KERNELS)}.")
-    accepted = KERNEL_PARAMS.get(name, {})
-    for key in list(params):
-        if key in accepted:
-            kparams[key] = params.pop(key)
-    unknown = set(kparams) - set(accepted)
-    if unknown:
-        raise RepsimError(
-            f"kernel {name!r} takes no parameter(s) {sorted(unknown)}"
-            + (f"; it accepts {sorted(accepted)}." if accepted else ".")
-            + (" Pass kernel='rbf' to use sigma." if "sigma" in unknown else "")
-        )
-    full = {**accepted, **kparams}
-    if name == "polynomial":
-        full["degree"] = _as_positive_int("degree", full["degree"])
-        full["coef0"] = _as_nonnegative_float("coef0", full["coef0"])
-    if name == "rbf":
-        full["sigma"] = _as_float("sigma", full["sigma"])
-        if full["bandwidth"] not in BANDWIDTH_RULES:
-            raise UnknownNameError(
-                f"unknown RBF bandwidth rule {full['bandwidth']!r}; choose one of {sorted(BANDWIDTH_RULES)}."
-            )
-    return name, full
 
 
 def _kernel_spec(name: str, kparams: dict[str, Any]) -> str | Spec:
@@ -191,7 +118,7 @@ def _kernel_spec(name: str, kparams: dict[str, Any]) -> str | Spec:
 def build_cka(params: dict[str, Any]) -> Measure:
     """Family builder for ``cka-kernel=...-hsic=...-score``."""
     params = dict(params)
-    name, kparams = _kernel_from_params(params)
+    name, kparams = resolve_kernel(params)
     hsic = params.pop("hsic", None)
     debiased = params.pop("debiased", None)
     if debiased is not None:
@@ -226,24 +153,52 @@ def build_cka(params: dict[str, Any]) -> Measure:
             return kernel_cka(X, Y, kernel=name, debiased=is_debiased, **kparams)
 
     invariances = {"orthogonal", "isotropic_scaling", "translation", "permutation"}
+    spec = Spec("cka", (("kernel", _kernel_spec(name, kparams)), ("hsic", hsic)), "score")
+    estimators = _estimators(name, kparams, is_debiased, spec.render())
     if (name == "rbf" and kparams["bandwidth"] == "fixed") or name in SCALE_DEPENDENT_KERNELS:
         invariances.discard("isotropic_scaling")
     kernel_label = name if name == "linear" else f"{name} {kparams}"
     return Measure(
         fn=fn,
-        spec=Spec("cka", (("kernel", _kernel_spec(name, kparams)), ("hsic", hsic)), "score"),
+        spec=spec,
         larger_is_more_similar=True,
         symmetric=True,
         invariances=frozenset(invariances),
         differentiable=True,
-        streamable=name == "linear",
         min_samples=4 if is_debiased else 2,
         reference=_REFERENCES[hsic],
         description=f"{'debiased' if is_debiased else 'biased'} CKA, {kernel_label} kernel",
         value_range=(-1.0, 1.0) if is_debiased else (0.0, 1.0),
         self_value=1.0,
         params={"kernel": name, **kparams, "hsic": hsic},
+        estimators=estimators,
+        working_memory=_gram_memory,
     )
+
+
+_STREAMING = "repsim_plugin.streaming"
+
+
+def _estimators(kernel: str, kparams: dict[str, Any], debiased: bool, measure_id: str) -> dict[str, Estimator]:
+    """Linear CKA streams exactly (feature-space statistics or kept rows with n x n Grams); every kernel has
+    minibatch CKA (Nguyen et al. 2021), which always uses the unbiased HSIC."""
+    out: dict[str, Estimator] = {}
+    if kernel == "linear":
+        out["feature_streaming"] = Estimator(f"{_STREAMING}:LinearCKAMap", {"debiased": debiased})
+        out["sample_space"] = Estimator(f"{_STREAMING}:SampleSpaceCKAMap", {"debiased": debiased})
+    note = (
+        ""
+        if debiased
+        else "minibatch CKA always uses the unbiased HSIC (Nguyen et al. 2021); the biased estimator of "
+        f"{measure_id} cannot be computed batch by batch."
+    )
+    out["minibatch"] = Estimator(f"{_STREAMING}:MinibatchCKAMap", {"kernel": kernel, **kparams}, exact=False, note=note)
+    return out
+
+
+def _gram_memory(n: int, p: int, q: int) -> int:
+    """Float64 copies of both inputs plus two n x n Grams."""
+    return 8 * n * (p + q) + 16 * n * n
 
 
 register_family(

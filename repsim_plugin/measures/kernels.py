@@ -8,11 +8,15 @@ cancel away the signal.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from ..errors import DegenerateInputError, TooFewSamplesError, UnknownNameError
+from .._utils.warnings import warn
+from ..errors import DegenerateInputError, RepsimError, SmallSampleBiasWarning, TooFewSamplesError, UnknownNameError
+from .registry import Spec
 
 # --- centering ----------------------------------------------------------------------------------------------
 
@@ -161,25 +165,30 @@ def hsic_biased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     return (center_gram(K) * L).sum() / (n - 1) ** 2
 
 
-def _zero_diagonal(K: torch.Tensor) -> torch.Tensor:
-    return K - torch.diag_embed(torch.diagonal(K))
+def hsic_unbiased_table(KA: torch.Tensor, KB: torch.Tensor, *, symmetric: bool = False) -> torch.Tensor:
+    """Song et al.'s unbiased HSIC of every pair of stacked matrices: KA (La, m, m), KB (Lb, m, m) -> (La, Lb).
+
+    The general form, valid for non-symmetric matrices too (masked kernels): with zero-diagonal A', B',
+    ``[tr(A'B') + (1'A'1)(1'B'1) / ((m-1)(m-2)) - 2/(m-2) 1'A'B'1] / (m (m-3))``. ``symmetric=True`` promises
+    symmetric Grams and skips a transpose. Needs m >= 4; may be negative.
+    """
+    m = KA.shape[-1]
+    if m < 4:
+        raise TooFewSamplesError(f"unbiased HSIC needs at least 4 samples, got {m}.")
+    eye = torch.eye(m, dtype=torch.bool, device=KA.device)
+    A = KA.masked_fill(eye, 0.0)
+    B = KB.masked_fill(eye, 0.0)
+    Bt = B if symmetric else B.transpose(-1, -2)
+    trace = A.reshape(A.shape[0], -1) @ Bt.reshape(Bt.shape[0], -1).T  # tr(A'B') = sum_ij A'_ij B'_ji
+    col_a, row_b = A.sum(-2), B.sum(-1)  # 1'A' and B'1, (L, m)
+    totals = torch.outer(A.sum((-2, -1)), B.sum((-2, -1))) / ((m - 1) * (m - 2))
+    cross = 2.0 / (m - 2) * (col_a @ row_b.T)
+    return (trace + totals - cross) / (m * (m - 3))
 
 
 def hsic_unbiased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-    """Song et al. (2012), needs n >= 4; may be negative.
-
-    With zero-diagonal Grams K', L':
-    ``[tr(K'L') + (1^T K' 1)(1^T L' 1) / ((n-1)(n-2)) - 2/(n-2) 1^T K' L' 1] / (n (n-3))``.
-    """
-    n = K.shape[0]
-    if n < 4:
-        raise TooFewSamplesError(f"unbiased HSIC needs at least 4 samples, got {n}.")
-    Kp, Lp = _zero_diagonal(K), _zero_diagonal(L)
-    k_rows, l_rows = Kp.sum(dim=1), Lp.sum(dim=1)
-    trace = (Kp * Lp).sum()  # tr(K'L') since L' is symmetric
-    total = k_rows.sum() * l_rows.sum() / ((n - 1) * (n - 2))
-    cross = 2.0 / (n - 2) * (k_rows * l_rows).sum()
-    return (trace + total - cross) / (n * (n - 3))
+    """Song et al. (2012) unbiased HSIC of two (n, n) matrices (see :func:`hsic_unbiased_table`); n >= 4."""
+    return hsic_unbiased_table(K.unsqueeze(0), L.unsqueeze(0))[0, 0]
 
 
 def linear_hsic_biased_features(Xc: torch.Tensor, Yc: torch.Tensor) -> torch.Tensor:
@@ -200,6 +209,95 @@ def linear_hsic_unbiased_features(Xc: torch.Tensor, Yc: torch.Tensor) -> torch.T
     rx, ry = (Xc * Xc).sum(dim=1), (Yc * Yc).sum(dim=1)
     value = (Yc.T @ Xc).square().sum() - n / (n - 2) * (rx * ry).sum() + rx.sum() * ry.sum() / ((n - 1) * (n - 2))
     return value / (n * (n - 3))
+
+
+#: Biased linear CKA of independent data is about sqrt(pq / ((n+p)(n+q))); above this the package warns.
+NULL_BIAS_WARNING = 0.1
+
+
+def expected_null_cka(n: int, p: int, q: int) -> float:
+    """Approximate biased linear CKA of independent Gaussian features: ``sqrt(pq / ((n+p)(n+q)))``."""
+    return math.sqrt(p * q / ((n + p) * (n + q)))
+
+
+def warn_small_sample_bias(n: int, p: int, q: int, advice: str) -> None:
+    """Warn (:class:`SmallSampleBiasWarning`) when biased linear CKA of this shape is inflated by chance alone."""
+    null = expected_null_cka(n, p, q)
+    if null > NULL_BIAS_WARNING:
+        warn(
+            f"biased linear CKA with n={n} samples and {p} / {q} features is inflated: independent random "
+            f"features of this shape already score about {null:.2f}. {advice}",
+            SmallSampleBiasWarning,
+        )
+
+
+def resolve_kernel(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A kernel name and its full, validated parameters (defaults filled in) from measure parameters.
+
+    Pops ``kernel`` (a name or a parsed ``(name-k=v)`` spec) and the flat parameters it accepts (``sigma=``, ...)
+    from ``params``, so that what is left over is someone else's to check.
+    """
+    kernel = params.pop("kernel", "linear")
+    if isinstance(kernel, Spec):
+        name, kparams = kernel.name, dict(kernel.params)
+    else:
+        name, kparams = str(kernel), {}
+    if name not in KERNELS:
+        raise UnknownNameError(f"unknown kernel {name!r}; choose one of {sorted(KERNELS)}.")
+    accepted = KERNEL_PARAMS.get(name, {})
+    for key in list(params):
+        if key in accepted:
+            kparams[key] = params.pop(key)
+    unknown = set(kparams) - set(accepted)
+    if unknown:
+        raise RepsimError(
+            f"kernel {name!r} takes no parameter(s) {sorted(unknown)}"
+            + (f"; it accepts {sorted(accepted)}." if accepted else ".")
+            + (" Pass kernel='rbf' to use sigma." if "sigma" in unknown else "")
+        )
+    full = {**accepted, **kparams}
+    if name == "polynomial":
+        full["degree"] = _as_positive_int("degree", full["degree"])
+        full["coef0"] = _as_nonnegative_float("coef0", full["coef0"])
+    if name == "rbf":
+        full["sigma"] = _as_positive_float("sigma", full["sigma"])
+        if full["bandwidth"] not in BANDWIDTH_RULES:
+            raise UnknownNameError(
+                f"unknown RBF bandwidth rule {full['bandwidth']!r}; choose one of {sorted(BANDWIDTH_RULES)}."
+            )
+    return name, full
+
+
+def _as_positive_float(name: str, value: Any) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise RepsimError(f"{name} must be a number, got {value!r}.") from None
+    if not math.isfinite(out) or out <= 0:
+        raise RepsimError(f"{name} must be a positive finite number, got {value!r}.")
+    return out
+
+
+def _as_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise RepsimError(f"{name} must be a positive integer, got {value!r}.")
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        raise RepsimError(f"{name} must be a positive integer, got {value!r}.") from None
+    if out < 1 or (isinstance(value, float) and value != out) or (isinstance(value, str) and str(out) != value):
+        raise RepsimError(f"{name} must be a positive integer, got {value!r}.")
+    return out
+
+
+def _as_nonnegative_float(name: str, value: Any) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise RepsimError(f"{name} must be a number, got {value!r}.") from None
+    if not math.isfinite(out) or out < 0:
+        raise RepsimError(f"{name} must be a non-negative finite number, got {value!r}.")
+    return out
 
 
 def cka_from_hsic(hsic_xy: torch.Tensor, hsic_xx: torch.Tensor, hsic_yy: torch.Tensor) -> torch.Tensor:

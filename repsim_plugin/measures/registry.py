@@ -8,9 +8,9 @@ never written by hand, and ``make(m.id)`` rebuilds the same measure.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import functools
+import importlib
 import math
 import re
 import threading
@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from .._validation import prepare_pair
+from .._utils.inputs import prepare_pair
+from .._utils.suggest import did_you_mean
 from ..errors import PluginLoadWarning, RepsimError, UnknownNameError
 
 INVARIANCES = frozenset({"orthogonal", "isotropic_scaling", "translation", "invertible_linear", "permutation"})
@@ -115,6 +116,41 @@ def _split_top_level(text: str) -> list[str]:
     return parts
 
 
+# --- estimators a measure declares -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """How an engine can compute a measure batch by batch: an accumulator class and the options it is built with.
+
+    ``accumulator`` is a class or a ``"module:Class"`` path (resolved on first use, so that declaring an
+    estimator does not import the streaming machinery). The class follows the map-accumulator protocol of
+    :mod:`repsim_plugin.streaming` (``update(acts_a, acts_b=None)``, ``merge``, ``compute``, ``state_dict``, ...,
+    and the planning hooks ``memory_needed`` / ``relative_cost``); it is built as ``cls(same=..., **options)``.
+    ``exact``: whether it computes the measure itself (to rounding) or an approximation of it (minibatch CKA);
+    ``note``: said in a warning when an approximate estimator is used for this measure.
+    """
+
+    accumulator: str | type
+    options: Mapping[str, Any] = field(default_factory=dict)
+    exact: bool = True
+    note: str = ""
+
+    def resolve(self) -> type:
+        """The accumulator class (importing its module when given as a path)."""
+        if isinstance(self.accumulator, type):
+            return self.accumulator
+        module, _, name = self.accumulator.partition(":")
+        try:
+            return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+        except (ImportError, AttributeError) as exc:
+            raise RepsimError(f"estimator accumulator {self.accumulator!r} cannot be imported: {exc}") from exc
+
+    def build(self, *, same: bool, **extra: Any) -> Any:
+        """A fresh accumulator for one layer x layer map (``same``: one model's layers against themselves)."""
+        return self.resolve()(same=same, **{**self.options, **extra})
+
+
 # --- the measure object -------------------------------------------------------------------------------------------
 
 
@@ -144,8 +180,20 @@ class Measure:
     self_value: float | None = None
     dtype: torch.dtype | None = torch.float64
     params: Mapping[str, Any] = field(default_factory=dict)
+    #: batch-by-batch estimators by name (``"feature_streaming"``, ``"sample_space"``, ``"minibatch"``, or a
+    #: plugin's own); engines choose among them from what they declare. Every measure can also run on kept rows
+    #: (the ``"captured"`` estimator), which needs no declaration.
+    estimators: Mapping[str, Estimator] = field(default_factory=dict)
+    #: bytes one call needs beyond its inputs, for (n, p) and (n, q) inputs; None: float64 copies of both
+    working_memory: Callable[[int, int, int], int] | None = None
 
     def __post_init__(self) -> None:
+        self.estimators = dict(self.estimators)
+        for name, estimator in self.estimators.items():
+            if not isinstance(name, str) or not isinstance(estimator, Estimator):
+                raise RepsimError(f"estimators must map names to Estimator declarations, got {name!r}: {estimator!r}.")
+        if any(e.exact for e in self.estimators.values()):
+            self.streamable = True
         self.invariances = frozenset(self.invariances)
         unknown = self.invariances - INVARIANCES
         if unknown:
@@ -169,6 +217,20 @@ class Measure:
         Xt, Yt = prepare_pair(X, Y, min_samples=self.min_samples, dtype=self.dtype)
         return self.fn(Xt, Yt)
 
+    def exact_estimators(self) -> dict[str, Estimator]:
+        """The declared estimators that compute this measure exactly, in declaration order."""
+        return {name: e for name, e in self.estimators.items() if e.exact}
+
+    def approximate_estimators(self) -> dict[str, Estimator]:
+        """The declared estimators that approximate this measure (e.g. minibatch CKA)."""
+        return {name: e for name, e in self.estimators.items() if not e.exact}
+
+    def memory_per_call(self, n: int, p: int, q: int) -> int:
+        """Bytes one call on (n, p) and (n, q) inputs needs beyond the inputs (see ``working_memory``)."""
+        if self.working_memory is not None:
+            return int(self.working_memory(n, p, q))
+        return 8 * n * (p + q)
+
     def with_dtype(self, dtype: torch.dtype | None) -> Measure:
         """The same measure computed in another dtype (``None``: the inputs' own, at least float32)."""
         return _copy(self, dtype=dtype)
@@ -184,6 +246,7 @@ class Measure:
             "invariances": sorted(self.invariances),
             "differentiable": self.differentiable,
             "streamable": self.streamable,
+            "estimators": sorted(self.estimators),
             "min_samples": self.min_samples,
             "value_range": list(self.value_range),
             "self_value": self.self_value,
@@ -256,12 +319,16 @@ def register(
     self_value: float | None = None,
     aliases: Iterable[str] = (),
     overwrite: bool = False,
+    estimators: Mapping[str, Estimator] | None = None,
+    working_memory: Callable[[int, int, int], int] | None = None,
 ) -> Any:
     """Register ``fn(X, Y) -> 0-d tensor`` under ``id``; usable as a decorator or a plain call.
 
     ``fn`` receives validated float64 tensors of shape (n, d1), (n, d2). Every declared property (invariances,
     symmetry, metric, differentiability, ``min_samples``, range, self value) is checked by
     :func:`repsim_plugin.testing.check_measure`. Returns the :class:`Measure` (also from the decorator form).
+    ``estimators`` declares accumulators that compute the measure batch by batch (see :class:`Estimator`):
+    ``rp.compare`` then streams it instead of keeping every row.
     Extra keyword arguments given to ``make(id, **params)`` are passed to ``fn`` and appended to the id.
     """
 
@@ -281,6 +348,8 @@ def register(
             description=description or (func.__doc__ or "").strip().split("\n")[0],
             value_range=value_range,
             self_value=self_value,
+            estimators=dict(estimators or {}),
+            working_memory=working_memory,
         )
         _REGISTRY.add(measure, aliases=aliases, overwrite=overwrite)
         return measure
@@ -335,10 +404,9 @@ def unregister(id_or_alias: str) -> None:
 
 
 def _unknown(name: str) -> UnknownNameError:
-    close = difflib.get_close_matches(name, _REGISTRY.known_names(), n=4, cutoff=0.5)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return UnknownNameError(
-        f"unknown measure {name!r}.{hint} `repsim measures` or rp.measures.list() shows every registered id."
+        f"unknown measure {name!r}.{did_you_mean(name, _REGISTRY.known_names())} `repsim measures` or "
+        "rp.measures.list() shows every registered id."
     )
 
 
@@ -385,8 +453,9 @@ def _make(name: str, params: dict[str, Any]) -> Measure:
 
 
 def _bind(measure: Measure, params: dict[str, Any]) -> Measure:
+    """A registered measure with extra keyword arguments bound; its declared estimators do not know them."""
     spec = Spec(measure.spec.name, measure.spec.params + tuple(sorted(params.items())), measure.spec.suffix)
-    return _copy(measure, fn=functools.partial(measure.fn, **params), spec=spec, params=dict(params))
+    return _copy(measure, fn=functools.partial(measure.fn, **params), spec=spec, params=dict(params), estimators={})
 
 
 def list_measures(pattern: str = "*") -> list[str]:

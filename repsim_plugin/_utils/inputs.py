@@ -1,4 +1,4 @@
-"""Input checks shared by every measure: one place that turns bad input into a clear error."""
+"""Input matrices shared by every measure and accumulator: one place that turns bad data into a clear error."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import (
+from ..errors import (
     DegenerateInputError,
     InputDtypeError,
     InputShapeError,

@@ -1,0 +1,104 @@
+"""Batches and models: device moves, fingerprints, row slicing, and the guard that restores train / eval flags."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def model_device(model: nn.Module) -> torch.device | None:
+    """The device of the model's first parameter or buffer (None for a model without tensors)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return None
+
+
+def to_device(obj: Any, device: torch.device | None) -> Any:
+    """Move the tensors of a batch's model inputs (a tensor, a mapping, a list or tuple of them) to ``device``."""
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, Mapping):  # BatchEncoding and other mappings become plain dicts of keyword arguments
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def digest(h: Any, obj: Any) -> None:
+    """Feed a batch's tensors (values, shapes, dtypes) into a hash, in a deterministic order."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, Mapping):
+        for key in sorted(obj, key=str):
+            h.update(str(key).encode())
+            digest(h, obj[key])
+    elif isinstance(obj, list | tuple):
+        for item in obj:
+            digest(h, item)
+    else:
+        h.update(repr(obj).encode())
+
+
+def rows_of(inputs: Any) -> int | None:
+    """The batch size shared by a tensor's first dimension or by every batch-first tensor of a mapping."""
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0]) if inputs.dim() >= 1 else None
+    if isinstance(inputs, Mapping):
+        sizes = {int(v.shape[0]) for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() >= 1}
+        return sizes.pop() if len(sizes) == 1 else None
+    return None
+
+
+def take(inputs: Any, index: torch.Tensor) -> Any:
+    """The rows ``index`` of a tensor or of every batch-first tensor of a mapping."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[index.to(inputs.device)]
+    n = rows_of(inputs)
+    return {
+        k: (v[index.to(v.device)] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n else v)
+        for k, v in inputs.items()
+    }
+
+
+def concat(parts: list[Any]) -> Any:
+    """Concatenate batches along rows: tensors, or mappings of tensors with the same keys."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+class TrainFlags:
+    """The train / eval flag of every module of a model, saved once and restored on request.
+
+    ``restore()`` sets every flag back even if the model was switched in between, and runs to the end even when
+    interrupted (a ``KeyboardInterrupt`` between two assignments cannot leave half of the modules switched): flags
+    are plain attribute writes, done in one loop with no calls out.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._flags = [(module, module.training) for module in model.modules()]
+
+    def restore(self) -> None:
+        for module, flag in self._flags:
+            module.training = flag
+
+
+@contextlib.contextmanager
+def train_flags_kept(model: nn.Module, *, eval_mode: bool = True) -> Iterator[None]:
+    """Run a block with ``model`` in eval mode (when ``eval_mode``), then restore every module's own flag."""
+    saved = TrainFlags(model)
+    try:
+        if eval_mode:
+            model.eval()
+        yield
+    finally:
+        saved.restore()
