@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean typecheck-tree
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-lint: $(STAMP)
+# mypy sees the installed layout: a tree of links with adapters/ as repsim_plugin/adapters
+TYPECHECK := build/typecheck/repsim_plugin
+typecheck-tree:
+	rm -rf build/typecheck && mkdir -p $(TYPECHECK)
+	for f in repsim_plugin/*; do ln -s ../../../$$f $(TYPECHECK)/; done
+	ln -s ../../../adapters $(TYPECHECK)/adapters
+
+lint: $(STAMP) typecheck-tree
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+	cd build/typecheck && ../../$(PY) -m mypy --config-file ../../pyproject.toml repsim_plugin
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

@@ -18,13 +18,12 @@ References: Hotelling 1936; Raghu et al. 2017 (SVCCA); Morcos et al. 2018 (PWCCA
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 from typing import Any
 
 import torch
 
+from .._utils.warnings import caller_stacklevel
 from ..errors import DegenerateInputError, RepsimError, TrivialCorrelationWarning, UnknownNameError
 from .kernels import center_columns
 from .registry import Measure, Spec, register_family
@@ -60,22 +59,10 @@ def column_basis(X: torch.Tensor, name: str = "X") -> tuple[torch.Tensor, torch.
     """
     Xc = center_columns(X)
     U, S, _ = _svd(Xc, f"the centered {name}")
-    r = numerical_rank(S, tuple(Xc.shape))
+    r = numerical_rank(S, (Xc.shape[0], Xc.shape[1]))
     if r == 0:
         raise DegenerateInputError(f"{name} has zero variance after centering; similarity is undefined.")
     return U[:, :r], S[:r]
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def user_stacklevel() -> int:
-    """``stacklevel`` for ``warnings.warn`` called in the caller of this function that points at the first frame
-    outside repsim_plugin, so a warning names the user's line whatever the depth of the call chain."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def warn_if_trivial(n: int, rank_x: int, rank_y: int, what: str = "canonical correlations") -> None:
@@ -88,7 +75,7 @@ def warn_if_trivial(n: int, rank_x: int, rank_y: int, what: str = "canonical cor
             f"equal 1 whatever the data (rank X + rank Y > n - 1 = {n - 1}), so the value is inflated. "
             "Use more samples than features, or reduce the dimension first (e.g. make('svcca', dims=...)).",
             TrivialCorrelationWarning,
-            stacklevel=user_stacklevel(),
+            stacklevel=caller_stacklevel(),
         )
 
 
@@ -243,7 +230,8 @@ def build_svcca(params: dict[str, Any]) -> Measure:
             raise RepsimError(f"dims must be a positive integer, got {dims!r}.") from None
         if isinstance(dims, bool) or dims_int < 1 or str(dims_int) != str(dims).strip():
             raise RepsimError(f"dims must be a positive integer, got {dims!r}.")
-        key, value, keep_f = "dims", dims_int, None
+        key, value, keep_f = "dims", float(dims_int), None
+        value_out: float | int = dims_int
     else:
         try:
             keep_f = float(0.99 if keep is None else keep)
@@ -252,6 +240,7 @@ def build_svcca(params: dict[str, Any]) -> Measure:
         if not (0.0 < keep_f <= 1.0):
             raise RepsimError(f"keep must be a variance fraction in (0, 1], got {keep!r}.")
         key, value, dims_int = "keep", keep_f, None
+        value_out = keep_f
     invariances = {"orthogonal", "isotropic_scaling", "translation", "permutation"}
     if keep_f == 1.0:  # nothing dropped: plain mean CCA on the column spaces
         invariances.add("invertible_linear")
@@ -262,7 +251,7 @@ def build_svcca(params: dict[str, Any]) -> Measure:
     what = f"{dims_int} leading directions" if dims_int else f"directions holding {keep_f:.0%} of the variance"
     return Measure(
         fn=fn,
-        spec=Spec("svcca", ((key, value),), "score"),
+        spec=Spec("svcca", ((key, value_out),), "score"),
         larger_is_more_similar=True,
         symmetric=True,
         invariances=frozenset(invariances),
@@ -333,6 +322,5 @@ __all__ = [
     "numerical_rank",
     "pwcca",
     "svcca",
-    "user_stacklevel",
     "warn_if_trivial",
 ]

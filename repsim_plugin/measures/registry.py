@@ -97,7 +97,9 @@ class Spec:
 
 
 def _split_top_level(text: str) -> list[str]:
-    parts, depth, current = [], 0, []
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for ch in text:
         if ch == "(":
             depth += 1
@@ -142,7 +144,8 @@ class Estimator:
             return self.accumulator
         module, _, name = self.accumulator.partition(":")
         try:
-            return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+            found: type = getattr(importlib.import_module(module), name)
+            return found
         except (ImportError, AttributeError) as exc:
             raise RepsimError(f"estimator accumulator {self.accumulator!r} cannot be imported: {exc}") from exc
 

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from ..errors import RepsimError, UnknownNameError
-from .cca import TrivialCorrelationWarning, column_basis, user_stacklevel
+from .._utils.warnings import caller_stacklevel
+from ..errors import RepsimError, TrivialCorrelationWarning, UnknownNameError
+from .cca import column_basis
 from .kernels import center_columns
 from .registry import Measure, Spec, register_family
 
@@ -33,7 +34,7 @@ def linear_r2(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
             f"the predictor spans all n - 1 = {n - 1} centered directions (rank {rank}), so any target is fit "
             "exactly and R^2 = 1 whatever the data. Use more samples than features, or reduce the dimension first.",
             TrivialCorrelationWarning,
-            stacklevel=user_stacklevel(),
+            stacklevel=caller_stacklevel(),
         )
     return (Ux.T @ Yc).square().sum() / Yc.square().sum()
 
