@@ -11,10 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import errors, measures
 
-# ``capture`` and ``compare`` are both submodules and functions. Binding the functions here, after the submodules
-# are loaded, keeps ``rp.capture(...)`` / ``rp.compare(...)`` callable however the submodules are imported later
-# (Python sets a package attribute to the submodule only when it first loads it). Neither imports transformers or
-# timm.
+# the packages ``capture`` and ``compare`` are named after their main function, which is what ``rp.capture`` /
+# ``rp.compare`` are (a package attribute is set to a submodule only when the submodule is first loaded, here)
 from .capture import capture
 from .compare import compare, compare_checkpoints
 from .errors import RepsimError

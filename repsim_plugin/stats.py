@@ -33,11 +33,12 @@ from typing import Any
 
 import torch
 
+from ._utils.checks import Choice, Float, Int, Optional, check_params
 from ._utils.inputs import prepare_pair
 from .errors import RepsimError, SmallSampleBiasWarning
 from .measures import Measure, make
-from .measures.cka import expected_null_cka
-from .measures.kernels import center_columns, cka_from_hsic, linear_hsic_unbiased_features
+from .measures.kernels import center_columns, cka_from_hsic, expected_null_cka, linear_hsic_unbiased_features
+from .streaming import LinearCKAMap
 
 ALTERNATIVES = ("greater", "less", "two-sided")
 METHODS = ("auto", "generic", "feature", "sample")
@@ -114,17 +115,26 @@ def _measure(measure: str | Measure) -> Measure:
     return make(measure) if isinstance(measure, str) else measure
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RepsimError(f"{name} must be a positive integer, got {value!r}.")
-    return value
+#: Constraints of the options of :func:`permutation_test`, :func:`bootstrap_ci` and :func:`null_baseline`.
+STATS_PARAMS = {
+    "n_permutations": Int(minimum=1),
+    "n_boot": Int(minimum=1),
+    "n_samples": Int(minimum=1),
+    "n": Int(minimum=1),
+    "d1": Int(minimum=1),
+    "d2": Optional(Int(minimum=1)),
+    "seed": Int(),
+    "alternative": Optional(Choice(ALTERNATIVES)),
+    "method": Choice(METHODS),
+    "alpha": Float(minimum=0.0, below=1.0, positive=True),
+    "resample": Choice(RESAMPLING),
+    "interval": Choice(INTERVALS),
+}
 
 
 def _resolve_alternative(m: Measure, alternative: str | None) -> str:
     if alternative is None:
         return "greater" if m.larger_is_more_similar else "less"
-    if alternative not in ALTERNATIVES:
-        raise RepsimError(f"alternative must be one of {ALTERNATIVES} or None (from the measure), got {alternative!r}.")
     return alternative
 
 
@@ -147,11 +157,11 @@ def p_value(statistic: float, null: torch.Tensor, alternative: str) -> float:
 
 
 def _linear_cka_kind(m: Measure) -> str | None:
-    """``"gretton"`` / ``"song"`` for the built-in linear CKA measures (vectorisable), else None."""
-    if m.spec.name != "cka" or m.params.get("kernel") != "linear":
-        return None
-    hsic = m.params.get("hsic")
-    return hsic if hsic in ("gretton", "song") else None
+    """``"gretton"`` / ``"song"`` when the measure declares exact linear-CKA statistics (vectorisable), else None."""
+    for estimator in m.exact_estimators().values():
+        if estimator.resolve() is LinearCKAMap:
+            return "song" if estimator.options.get("debiased") else "gretton"
+    return None
 
 
 def _choose_space(n: int, p: int, q: int) -> str:
@@ -213,10 +223,8 @@ def permutation_test(
     The permutations come from ``torch.Generator().manual_seed(seed)``, so every method sees the same ones.
     """
     m = _measure(measure)
-    n_permutations = _positive_int("n_permutations", n_permutations)
+    check_params(STATS_PARAMS, n_permutations=n_permutations, seed=seed, alternative=alternative, method=method)
     alternative = _resolve_alternative(m, alternative)
-    if method not in METHODS:
-        raise RepsimError(f"method must be one of {METHODS}, got {method!r}.")
     Xt, Yt = prepare_pair(X, Y, min_samples=m.min_samples, dtype=m.dtype)
     n = Xt.shape[0]
     statistic = float(m(Xt, Yt).detach())
@@ -276,13 +284,7 @@ def bootstrap_ci(
     interval then need not even contain the estimate. ``BootstrapResult.shift`` reports that offset.
     """
     m = _measure(measure)
-    n_boot = _positive_int("n_boot", n_boot)
-    if not (isinstance(alpha, float | int) and 0.0 < float(alpha) < 1.0):
-        raise RepsimError(f"alpha must lie strictly between 0 and 1 (0.05 gives a 95% interval), got {alpha!r}.")
-    if resample not in RESAMPLING:
-        raise RepsimError(f"resample must be one of {RESAMPLING}, got {resample!r}.")
-    if interval not in INTERVALS:
-        raise RepsimError(f"interval must be one of {INTERVALS}, got {interval!r}.")
+    check_params(STATS_PARAMS, n_boot=n_boot, alpha=alpha, seed=seed, resample=resample, interval=interval)
     Xt, Yt = prepare_pair(X, Y, min_samples=m.min_samples, dtype=m.dtype)
     n = Xt.shape[0]
     size = n if resample == "rows" else n // 2
@@ -345,9 +347,8 @@ def null_baseline(
     to n (``biased_cka_approximation``), debiased CKA stays near 0.
     """
     m = _measure(measure)
-    n, d1 = _positive_int("n", n), _positive_int("d1", d1)
-    d2 = d1 if d2 is None else _positive_int("d2", d2)
-    n_samples = _positive_int("n_samples", n_samples)
+    check_params(STATS_PARAMS, n=n, d1=d1, d2=d2, n_samples=n_samples, seed=seed)
+    d2 = d1 if d2 is None else d2
     generator = torch.Generator().manual_seed(int(seed))
     values = []
     with torch.no_grad(), warnings.catch_warnings():
@@ -372,6 +373,7 @@ def null_baseline(
 
 __all__ = [
     "ALTERNATIVES",
+    "STATS_PARAMS",
     "INTERVALS",
     "RESAMPLING",
     "BootstrapResult",

@@ -60,6 +60,10 @@ class Int(Constraint):
     def describe(self) -> str:
         if self.minimum is not None and self.maximum is not None:
             return f"an integer in [{self.minimum}, {self.maximum}]"
+        if self.minimum == 1:
+            return "a positive integer (>= 1)"
+        if self.minimum == 0:
+            return "a non-negative integer (>= 0)"
         if self.minimum is not None:
             return f"an integer >= {self.minimum}"
         if self.maximum is not None:

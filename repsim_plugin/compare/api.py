@@ -1,0 +1,293 @@
+"""``compare`` and ``compare_checkpoints``: layer x layer similarity maps of two models or of checkpoints.
+
+The data flow is one pass over the data (:mod:`.engine`): every batch goes through each model once (hooks record
+every requested layer at the same time), and every layer pair's statistics are updated from those rows. Linear
+CKA streams from exact float64 sufficient statistics (memory O(d^2) per layer pair, never O(n d)); the estimator
+actually used is chosen under a memory budget (:mod:`.plan`) and recorded in the result, and an approximate
+choice is announced with a warning.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._utils import dist
+from .._utils.checks import Bool, Instance, Int, Optional, Where, check_params
+from .._utils.io import load_state_dict
+from ..capture import Recorder
+from ..errors import RepsimError
+from ..measures import Measure, make
+from ..results import SimilarityMap
+from .engine import Engine, Pair, Side, make_side, run
+from .plan import DEFAULT_MEMORY_BUDGET, parse_bytes
+
+__all__ = ["COMPARE_PARAMS", "compare", "compare_checkpoints", "load_checkpoint"]
+
+#: Constraints of the options of :func:`compare` and :func:`compare_checkpoints` (the capture options and the
+#: estimator are checked where they are used: by the recorder and the planner).
+COMPARE_PARAMS = {
+    "progress": Bool(),
+    "max_batches": Optional(Int(minimum=1)),
+    "seed": Optional(Int()),
+    "fingerprint_data": Bool(),
+    "estimator": Instance(str, "an estimator name (see ESTIMATOR_CHOICES)"),
+    "names": Optional(
+        Where(
+            lambda v: isinstance(v, tuple | list) and len(v) == 2 and all(isinstance(x, str) for x in v),
+            "a pair of model labels (str, str)",
+            bad=(("a",), "ab"),
+        )
+    ),
+}
+
+
+def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a torch file loaded with ``weights_only=True`` (no pickle code runs).
+
+    A torch file holding ``{"state_dict": ...}`` or ``{"model": ...}`` (a training checkpoint) yields the nested
+    state dict.
+    """
+    return load_state_dict(path)
+
+
+def _result(engine: Engine, pair: Pair, *, seed: int | None, extra: Mapping[str, Any]) -> SimilarityMap:
+    values, names_a, names_b = engine.compute(pair)
+    side_a, side_b = engine.sides[pair.i], engine.sides[pair.j]
+    policy_a, policy_b = side_a.recorder.policy, side_b.recorder.policy
+    reduction = dict(policy_a) if policy_a == policy_b else {"a": policy_a, "b": policy_b}
+    assert engine.plan is not None
+    hashes = engine.data_hashes
+    return SimilarityMap(
+        values=values.to(torch.float64).cpu(),
+        layers_a=names_a,
+        layers_b=names_b,
+        measure=engine.measure.id,
+        estimator=engine.plan.estimator,
+        reduction=reduction,
+        n=dist.global_count(side_a.n - engine.skipped_rows),
+        dtype=str(engine.dtype).replace("torch.", ""),
+        seed=seed,
+        fingerprints={"a": side_a.recorder.adapter.fingerprint(), "b": side_b.recorder.adapter.fingerprint()},
+        extra={
+            "model_a": side_a.label,
+            "model_b": side_b.label,
+            "estimator_reason": engine.plan.reason,
+            "data_fingerprint": _hexdigest(hashes[side_a.stream]),
+            **({"data_fingerprint_b": _hexdigest(hashes[side_b.stream])} if side_b.stream != side_a.stream else {}),
+            "world_size": dist.world_size(),
+            **({"minibatch_skipped_rows": engine.skipped_rows} if engine.skipped_rows else {}),
+            **extra,
+        },
+    )
+
+
+def _hexdigest(h: Any) -> str | None:
+    return None if h is None else h.hexdigest()
+
+
+def _as_list(layers: Any) -> list[Any] | None:
+    if layers is None:
+        return None
+    if isinstance(layers, str | int | nn.Module):
+        return [layers]
+    return list(layers)
+
+
+def _sides_for(
+    model_a: nn.Module,
+    model_b: nn.Module | None,
+    layers_a: Any,
+    layers_b: Any,
+    capture_args: Mapping[str, Any],
+    labels: tuple[str, str],
+    adapters: tuple[Any, Any],
+    two_streams: bool,
+) -> tuple[list[Side], Pair]:
+    """The sides and the pair of one comparison; a model with itself runs once per batch on one recorder."""
+    if (model_b is None or model_b is model_a) and not two_streams:
+        list_a, list_b = _as_list(layers_a), _as_list(layers_b)
+        if list_b is None or list_b == list_a:
+            return [make_side(labels[0], model_a, layers_a, capture_args, adapters[0])], Pair(0, 0)
+        # one recorder on the union of both layer sets; each side of the map selects its own modules
+        adapter = Recorder(model_a, None, adapter=adapters[0]).adapter
+        list_a = list_a if list_a is not None else adapter.default_layers()
+        sub_a = tuple(Recorder(model_a, list_a, adapter=adapter).modules)
+        sub_b = tuple(Recorder(model_a, list_b, adapter=adapter).modules)
+        side = make_side(labels[0], model_a, list(dict.fromkeys(sub_a + sub_b)), capture_args, adapter)
+        return [side], Pair(0, 0, sub_a, sub_b)
+    sides = [
+        make_side(labels[0], model_a, layers_a, capture_args, adapters[0]),
+        make_side(labels[1], model_b or model_a, layers_b, capture_args, adapters[1]),
+    ]
+    sides[1].stream = 1 if two_streams else 0
+    return sides, Pair(0, 1)
+
+
+def compare(
+    model_a: nn.Module,
+    model_b: nn.Module | None,
+    data: Iterable[Any],
+    layers_a: Any = None,
+    layers_b: Any = None,
+    measure: str | Measure = "cka",
+    *,
+    estimator: str = "auto",
+    tokens: str = "mean",
+    spatial: str = "flatten",
+    output: Any = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    max_batches: int | None = None,
+    memory_budget: int | str = DEFAULT_MEMORY_BUDGET,
+    data_b: Iterable[Any] | None = None,
+    adapter_a: Any = "auto",
+    adapter_b: Any = "auto",
+    seed: int | None = None,
+    names: tuple[str, str] | None = None,
+    fingerprint_data: bool = True,
+) -> SimilarityMap:
+    """Layer x layer similarity of two models (``model_b=None`` or the same object: a model with itself).
+
+    ``data`` is any iterable of batches (tensor, ``(inputs, labels)``, or a dict of keyword arguments for
+    HuggingFace models); each batch goes through each model once and updates every layer pair; a model compared
+    with itself runs once per batch. ``layers_a`` / ``layers_b`` as in :func:`repsim_plugin.capture` (None: the
+    adapter's default layers). ``device`` is where rows and statistics go (default: where each layer produces
+    them); inputs always go to each model's own device, and the models are never moved or modified. ``data_b``
+    feeds model B from its own stream (e.g. another tokenizer); both streams must then yield labels or sample ids,
+    which are checked to agree batch by batch. ``fingerprint_data`` records a sha256 of every input batch in
+    ``result.extra["data_fingerprint"]`` (provenance; turn it off when hashing the inputs costs more than the
+    forward passes, e.g. large images on a fast GPU).
+    """
+    check_params(
+        COMPARE_PARAMS,
+        progress=progress,
+        max_batches=max_batches,
+        seed=seed,
+        fingerprint_data=fingerprint_data,
+        estimator=estimator,
+        names=names,
+    )
+    m = make(measure)
+    capture_args = {"tokens": tokens, "spatial": spatial, "output": output, "device": device}
+    labels = names or (f"{type(model_a).__name__} (a)", f"{type(model_b or model_a).__name__} (b)")
+    sides, pair = _sides_for(
+        model_a, model_b, layers_a, layers_b, capture_args, (labels[0], labels[1]), (adapter_a, adapter_b), data_b is not None
+    )
+    engine = run(
+        sides,
+        [pair],
+        [data] if data_b is None else [data, data_b],
+        m,
+        estimator=estimator,
+        memory_budget=parse_bytes(memory_budget),
+        progress=progress,
+        max_batches=max_batches,
+        fingerprint_data=fingerprint_data,
+    )
+    return _result(engine, pair, seed=seed, extra={})
+
+
+def _build_from_checkpoint(build_model: Callable[[], nn.Module], path: str | Path) -> nn.Module:
+    model = build_model()
+    if not isinstance(model, nn.Module):
+        raise RepsimError(f"build_model() must return a torch.nn.Module, got {type(model).__name__}.")
+    state = load_state_dict(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise RepsimError(f"checkpoint {str(path)!r} does not fit the model build_model() returns: {exc}") from exc
+    return model
+
+
+def _checkpoint_names(paths: Sequence[Path]) -> list[str]:
+    names = [p.name for p in paths]
+    if len(set(names)) < len(names):
+        names = [str(p) for p in paths]
+    if len(set(names)) < len(names):
+        raise RepsimError("the same checkpoint path is given twice; pass each checkpoint once.")
+    return names
+
+
+def _checkpoint_pairs(paths: Sequence[Path], names: Sequence[str], reference: int | str | Path | None) -> list[Pair]:
+    if reference is None:
+        return [Pair(i, j) for i, j in itertools.combinations(range(len(paths)), 2)]
+    if isinstance(reference, int):
+        if not 0 <= reference < len(paths):
+            raise RepsimError(f"reference index {reference} is out of range for {len(paths)} checkpoints.")
+        ref = reference
+    else:
+        matches = [k for k, p in enumerate(paths) if Path(reference) in (p, Path(p.name))]
+        if not matches:
+            raise RepsimError(f"reference {str(reference)!r} is not one of the checkpoints {list(names)}.")
+        ref = matches[0]
+    return [Pair(ref, k) for k in range(len(paths)) if k != ref]
+
+
+def compare_checkpoints(
+    build_model: Callable[[], nn.Module],
+    checkpoints: Sequence[str | Path],
+    data: Iterable[Any],
+    *,
+    reference: int | str | Path | None = None,
+    layers: Any = None,
+    measure: str | Measure = "cka",
+    estimator: str = "auto",
+    tokens: str = "mean",
+    spatial: str = "flatten",
+    output: Any = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    max_batches: int | None = None,
+    memory_budget: int | str = DEFAULT_MEMORY_BUDGET,
+    seed: int | None = None,
+    fingerprint_data: bool = True,
+) -> dict[tuple[str, str], SimilarityMap]:
+    """Compare checkpoints of one architecture: every pair, or each against ``reference`` (index or path).
+
+    ``build_model()`` returns a fresh model; each checkpoint is loaded into one (safetensors, or
+    ``torch.load(weights_only=True)``). All models run side by side in one pass over the data (one forward per
+    model per batch), so N checkpoints cost N forwards per batch, not N^2. Returns ``{(name_a, name_b): map}``
+    keyed by the checkpoints' file names (or full paths where file names repeat).
+    """
+    check_params(
+        COMPARE_PARAMS,
+        progress=progress,
+        max_batches=max_batches,
+        seed=seed,
+        fingerprint_data=fingerprint_data,
+        estimator=estimator,
+    )
+    paths = [Path(p) for p in checkpoints]
+    if len(paths) < 2:
+        raise RepsimError(f"compare_checkpoints needs at least 2 checkpoints, got {len(paths)}.")
+    names = _checkpoint_names(paths)
+    pairs = _checkpoint_pairs(paths, names, reference)
+    m = make(measure)
+    capture_args = {"tokens": tokens, "spatial": spatial, "output": output, "device": device}
+    sides = [
+        make_side(name, _build_from_checkpoint(build_model, path), layers, capture_args)
+        for name, path in zip(names, paths, strict=True)
+    ]
+    engine = run(
+        sides,
+        pairs,
+        [data],
+        m,
+        estimator=estimator,
+        memory_budget=parse_bytes(memory_budget),
+        progress=progress,
+        max_batches=max_batches,
+        fingerprint_data=fingerprint_data,
+    )
+    return {
+        (names[p.i], names[p.j]): _result(
+            engine, p, seed=seed, extra={"checkpoint_a": str(paths[p.i]), "checkpoint_b": str(paths[p.j])}
+        )
+        for p in pairs
+    }

@@ -1,0 +1,276 @@
+"""One pass over the data: every batch through each model once, every layer-pair map updated from shared rows.
+
+Each model is a *side* (its recorder and the rows of the current batch); a *pair* is the map of side i's layers
+against side j's. The estimator is chosen at the first batch (:mod:`.plan`) from what the measure declares, one
+accumulator is built per pair, and every later batch updates them all. Nothing here knows a measure by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._utils.batches import digest, model_device, to_device
+from .._utils.names import module_of
+from .._utils.warnings import warn
+from ..capture import Recorder
+from ..errors import EstimatorChoiceWarning, MemoryBudgetError, RepsimError
+from ..measures import Measure
+from .plan import Plan, choose_estimator, gib
+
+__all__ = ["Engine", "Pair", "Side", "make_side", "run"]
+
+Rows = dict[str, torch.Tensor]
+
+
+@dataclass
+class Side:
+    """One model taking part in a comparison: its recorder and the rows of the current batch."""
+
+    label: str
+    model: nn.Module
+    recorder: Recorder
+    rows: Rows | None = None
+    stream: int = 0  # which data stream feeds this side (0: ``data``; 1: ``data_b``)
+    n: int = 0
+
+    def receive(self, rows: Rows) -> None:
+        self.rows = dict(rows)
+
+    def batch_rows(self) -> int:
+        return int(next(iter((self.rows or {}).values())).shape[0])
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Side i's layers against side j's; ``sub_*`` restrict a side to some of its modules (None: all)."""
+
+    i: int
+    j: int
+    sub_i: tuple[str, ...] | None = None
+    sub_j: tuple[str, ...] | None = None
+
+    @property
+    def same(self) -> bool:
+        return self.i == self.j and self.sub_i == self.sub_j
+
+
+def select(rows: Mapping[str, torch.Tensor], modules: tuple[str, ...] | None) -> Rows:
+    """Rows of the layers recorded from ``modules`` (layer names may carry a ``#k`` call suffix)."""
+    if modules is None:
+        return dict(rows)
+    return {name: t for name, t in rows.items() if module_of(name) in modules}
+
+
+def make_side(
+    label: str, model: nn.Module, layers: Any, capture_args: Mapping[str, Any], adapter: Any = "auto"
+) -> Side:
+    """A side whose recorder hands each batch's rows to the side (kept nowhere else)."""
+    if not isinstance(model, nn.Module):
+        raise RepsimError(f"model {label!r} must be a torch.nn.Module, got {type(model).__name__}.")
+    holder: list[Side] = []
+    recorder = Recorder(
+        model, layers, adapter=adapter, keep=False, on_batch=lambda rows: holder[0].receive(rows), **capture_args
+    )
+    side = Side(label=label, model=model, recorder=recorder)
+    holder.append(side)
+    return side
+
+
+class Engine:
+    """The maps of one comparison: plan at the first batch, then one accumulator update per pair per batch."""
+
+    def __init__(
+        self, sides: list[Side], pairs: list[Pair], measure: Measure, *, estimator: str, memory_budget: int
+    ) -> None:
+        self.sides, self.pairs, self.measure = sides, pairs, measure
+        self.requested = estimator
+        self.memory_budget = memory_budget
+        self.plan: Plan | None = None
+        self.accumulators: dict[Pair, Any] = {}
+        self.dtype: torch.dtype | None = None
+        #: rows of batches too small for the estimator (minibatch CKA's unbiased HSIC needs 4), left out
+        self.skipped_rows = 0
+        #: bytes of rows kept by estimators that keep rows (checked against the budget as they grow)
+        self.kept_bytes = 0
+        #: per data stream: sha256 of the inputs (None when not fingerprinted) and of the labels / sample ids
+        self.data_hashes: list[Any] = []
+        self.label_hashes: list[Any] = []
+
+    def rows(self, pair: Pair) -> tuple[Rows, Rows | None]:
+        rows_i = select(self.sides[pair.i].rows or {}, pair.sub_i)
+        if pair.same:
+            return rows_i, None
+        return rows_i, select(self.sides[pair.j].rows or {}, pair.sub_j)
+
+    def start(self, n_estimate: int | None) -> None:
+        """Choose the estimator from the first batch's shapes and build one accumulator per pair."""
+        dims = []
+        for pair in self.pairs:
+            rows_a, rows_b = self.rows(pair)
+            dims_b = None if rows_b is None else [int(t.shape[1]) for t in rows_b.values()]
+            dims.append(([int(t.shape[1]) for t in rows_a.values()], dims_b))
+        first = next(iter((self.sides[0].rows or {}).values()))
+        self.dtype = first.dtype
+        self.plan = choose_estimator(
+            self.measure,
+            dims,
+            n_estimate=n_estimate,
+            batch_size=int(first.shape[0]),
+            itemsize=first.element_size(),
+            requested=self.requested,
+            memory_budget=self.memory_budget,
+        )
+        if self.plan.declaration.note:
+            warn(self.plan.declaration.note, EstimatorChoiceWarning)
+        self.accumulators = {pair: self.plan.build(same=pair.same) for pair in self.pairs}
+
+    def update(self) -> None:
+        """Feed the current batch's rows to every pair's accumulator."""
+        assert self.plan is not None
+        first = next(iter(self.accumulators.values()))
+        min_rows = int(getattr(first, "min_batch_rows", 0))
+        rows = self.sides[0].batch_rows()
+        if rows < min_rows:
+            if not self.skipped_rows:
+                warn(
+                    f"{self.plan.estimator} skips a batch of {rows} rows: each batch needs at least {min_rows} "
+                    "(minibatch CKA's unbiased HSIC). The result records the skipped rows "
+                    "(extra['minibatch_skipped_rows']); use drop_last=True or a batch size that divides the data "
+                    "to avoid it.",
+                    EstimatorChoiceWarning,
+                )
+            self.skipped_rows += rows
+            return
+        for pair, acc in self.accumulators.items():
+            rows_a, rows_b = self.rows(pair)
+            if rows_b is None:
+                acc.update(rows_a)
+            else:
+                acc.update(rows_a, rows_b)
+        if hasattr(first, "kept_bytes"):
+            self._check_kept()
+
+    def _check_kept(self) -> None:
+        for side in self.sides:
+            self.kept_bytes += sum(t.numel() * t.element_size() for t in (side.rows or {}).values())
+        if self.kept_bytes > self.memory_budget:
+            raise MemoryBudgetError(
+                f"kept activations reached {gib(self.kept_bytes)}, over the memory budget of "
+                f"{gib(self.memory_budget)}. Raise memory_budget=, capture fewer layers, reduce features, or use "
+                "max_batches=."
+            )
+
+    def compute(self, pair: Pair) -> tuple[torch.Tensor, list[str], list[str]]:
+        acc = self.accumulators[pair]
+        return acc.compute(), list(acc.layers_a), list(acc.layers_b)
+
+
+def _estimate_n(data: Any, max_batches: int | None, rows_per_batch: int) -> int | None:
+    try:
+        n_batches = len(data)
+    except TypeError:
+        return None if max_batches is None else max_batches * rows_per_batch
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    return n_batches * rows_per_batch
+
+
+def _progress(iterable: Iterable[Any], enabled: bool, total: int | None, desc: str) -> Iterable[Any]:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False)
+
+
+def _total(streams: Sequence[Iterable[Any]], max_batches: int | None) -> int | None:
+    try:
+        total = len(streams[0])  # type: ignore[arg-type]  # a DataLoader or list has a length, a generator not
+    except TypeError:
+        return max_batches
+    return total if max_batches is None else min(total, max_batches)
+
+
+def _forward_all(engine: Engine, group: Sequence[Any], index: int) -> dict[str, int]:
+    """Split, fingerprint and run one batch (per stream) through every side; returns the rows per side."""
+    split: dict[int, tuple[Any, Any]] = {}
+    for side in engine.sides:
+        if side.stream not in split:  # split and fingerprint each stream's batch once
+            inputs, labels = side.recorder.adapter.split_batch(group[side.stream])
+            if engine.data_hashes[side.stream] is not None:
+                digest(engine.data_hashes[side.stream], inputs)
+            if labels is not None:
+                digest(engine.label_hashes[side.stream], labels)
+            split[side.stream] = (inputs, labels)
+        side.rows = None
+        # each side's hooks are active during its own forward only: two sides may share one model
+        with side.recorder:
+            side.recorder.adapter.forward(to_device(split[side.stream][0], model_device(side.model)))
+        if side.rows is None:
+            raise RepsimError(
+                f"model {side.label!r} produced no rows for batch {index}: its forward did not complete "
+                "through the captured model."
+            )
+        side.n += side.batch_rows()
+    counts = {side.label: side.batch_rows() for side in engine.sides}
+    if len(set(counts.values())) > 1:
+        raise RepsimError(
+            f"batch {index}: the models produced different numbers of rows {counts}; they must see the "
+            "same samples (with tokens='as_samples', the same tokens)."
+        )
+    return counts
+
+
+def run(
+    sides: list[Side],
+    pairs: list[Pair],
+    streams: Sequence[Iterable[Any]],
+    measure: Measure,
+    *,
+    estimator: str,
+    memory_budget: int,
+    progress: bool,
+    max_batches: int | None,
+    fingerprint_data: bool = True,
+) -> Engine:
+    """Feed every batch through every side once, check the sides saw the same samples, update every pair.
+
+    ``streams[k]`` feeds the sides whose ``stream`` is k; with several streams they are read in lockstep.
+    """
+    engine = Engine(sides, pairs, measure, estimator=estimator, memory_budget=memory_budget)
+    engine.data_hashes = [hashlib.sha256() if fingerprint_data else None for _ in streams]
+    engine.label_hashes = [hashlib.sha256() for _ in streams]
+    batches = zip(*streams, strict=True) if len(streams) > 1 else ((b,) for b in streams[0])
+    for index, group in enumerate(_progress(batches, progress, _total(streams, max_batches), "compare")):
+        if max_batches is not None and index >= max_batches:
+            break
+        counts = _forward_all(engine, group, index)
+        if index == 0:
+            engine.start(_estimate_n(streams[0], max_batches, counts[sides[0].label]))
+        engine.update()
+    if engine.plan is None:
+        raise RepsimError("the data yielded no batches; pass an iterable of batches (a DataLoader, a list, ...).")
+    if len(streams) > 1:
+        check_same_samples(engine.label_hashes)
+    return engine
+
+
+def check_same_samples(label_hashes: Sequence[Any]) -> None:
+    """Separate streams must yield the same labels / sample ids in the same order: checked, not assumed."""
+    digests = [h.hexdigest() for h in label_hashes]
+    if hashlib.sha256().hexdigest() in digests:
+        raise RepsimError(
+            "with separate data streams per model, each stream must yield labels (or sample ids) as (inputs, labels) "
+            "pairs or a 'labels' key, so that the samples can be checked to be the same."
+        )
+    if len(set(digests)) > 1:
+        raise RepsimError(
+            "the data streams of the models yielded different labels / sample ids: the models did not see the same "
+            "samples in the same order (a shuffled loader on one side?). Use the same order for every model."
+        )
