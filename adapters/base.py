@@ -44,14 +44,22 @@ def class_modules(model: nn.Module) -> list[str]:
 class Adapter:
     """Base adapter; also the behaviour of any ``nn.Module`` (see :class:`~.generic.GenericAdapter`).
 
+    A model family is one module of the adapters package defining one subclass that declares its own ``name``
+    (and, if wanted, ``aliases`` and ``priority``): the package finds it there, nothing else is edited.
+
     Attributes:
         model: the wrapped model (never modified).
-        name: short family name recorded in results.
+        name: short family name recorded in results; also accepted as ``adapter=`` by capture and compare.
+        aliases: other names accepted as ``adapter=`` (e.g. "hf" for "huggingface").
+        priority: detection order of the built-in adapters, highest first (the generic adapter, which matches
+            anything, has the lowest); third-party adapters added with ``register`` are tried before all of them.
         num_prefix_tokens: leading non-patch tokens (CLS, distillation, registers) in token outputs; 0 when none.
         spatial_layout: layout of 4-d outputs when a layer gives no hint ("NCHW" unless the family is channels-last).
     """
 
     name: ClassVar[str] = "base"
+    aliases: ClassVar[tuple[str, ...]] = ()
+    priority: ClassVar[int] = 0
     num_prefix_tokens: int = 0
     spatial_layout: str = "NCHW"
 

@@ -14,6 +14,7 @@ class GenericAdapter(Adapter):
     read as (batch, tokens, channels) and rank 4 as NCHW unless capture is told another layout."""
 
     name: ClassVar[str] = "generic"
+    priority: ClassVar[int] = -1000  # matches anything, so it is tried last
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

@@ -46,6 +46,8 @@ class HuggingFaceAdapter(Adapter):
     """
 
     name: ClassVar[str] = "huggingface"
+    aliases: ClassVar[tuple[str, ...]] = ("hf", "transformers")
+    priority: ClassVar[int] = 20
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -62,19 +64,19 @@ class HuggingFaceAdapter(Adapter):
 
     def default_layers(self) -> list[str]:
         counts = _layer_counts(getattr(self.model, "config", None))
-        found: list[str] = []
+        found: dict[str, int] = {}  # outermost block list -> its length
         for name, module in self.model.named_modules():
             if not isinstance(module, nn.ModuleList) or len(module) not in counts or not name:
                 continue
             if any(name.startswith(outer + ".") for outer in found):
                 continue  # a list inside a block (experts, heads), not the blocks themselves
-            found.append(name)
+            found[name] = len(module)
         if not found:
             raise RepsimError(
                 f"could not find the transformer blocks of {type(self.model).__name__} (no ModuleList of length "
                 f"{sorted(counts) or 'num_hidden_layers'}); name the layers to capture explicitly"
             )
-        return [f"{outer}.{index}" for outer in found for index in range(len(self.model.get_submodule(outer)))]
+        return [f"{outer}.{index}" for outer, length in found.items() for index in range(length)]
 
     def attention_mask_for(self, layer_name: str, model_inputs: Any) -> torch.Tensor | None:
         """Encoder-decoder models: layers under a ``decoder`` module use ``decoder_attention_mask`` (None when

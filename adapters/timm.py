@@ -32,6 +32,7 @@ class TimmAdapter(Adapter):
     """
 
     name: ClassVar[str] = "timm"
+    priority: ClassVar[int] = 10
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

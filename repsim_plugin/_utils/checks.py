@@ -306,3 +306,27 @@ def check_params(table: Table, **values: Any) -> dict[str, Any]:
 def check_one(table: Table, name: str, value: Any) -> Any:
     """Check one value against its constraint in ``table``; returns it normalised."""
     return table[name].check(name, value)
+
+
+@dataclass(frozen=True)
+class Device(Constraint):
+    """A ``torch.device``, a device string such as ``"cpu"`` / ``"cuda:1"``, or a device index."""
+
+    def describe(self) -> str:
+        return "a torch.device or a device string such as 'cpu'"
+
+    def accepts(self, value: Any) -> bool:
+        import torch
+
+        if isinstance(value, torch.device):
+            return True
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            return False
+        try:
+            torch.device(value)
+        except (RuntimeError, TypeError, ValueError):
+            return False
+        return True
+
+    def bad_values(self) -> list[Any]:
+        return ["no-such-device", 2.5, True]
