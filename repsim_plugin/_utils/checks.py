@@ -241,7 +241,7 @@ class Optional(Constraint):
         return type(inner)(f"{name} must be {self.describe()}, got {value!r}.")
 
     def bad_values(self) -> list[Any]:
-        return self.inner.bad_values()
+        return [v for v in self.inner.bad_values() if v is not None]
 
 
 @dataclass(frozen=True)
