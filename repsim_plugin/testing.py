@@ -51,8 +51,13 @@ class ConformanceReport:
         return "\n".join(lines)
 
 
+#: The parameters of :func:`random_orthogonal` and :func:`invariance_transforms`.
+RANDOM_ORTHOGONAL_PARAMS = {"d": Int(minimum=1), "generator": Instance(torch.Generator, "a torch.Generator")}
+
+
 def random_orthogonal(d: int, generator: torch.Generator) -> torch.Tensor:
     """A Haar-random orthogonal (d, d) matrix (QR of a Gaussian matrix with sign correction)."""
+    check_params(RANDOM_ORTHOGONAL_PARAMS, d=d, generator=generator)
     A = torch.randn(d, d, generator=generator, dtype=torch.float64)
     Q, R = torch.linalg.qr(A)
     return Q * torch.sign(torch.diagonal(R))
@@ -60,6 +65,7 @@ def random_orthogonal(d: int, generator: torch.Generator) -> torch.Tensor:
 
 def invariance_transforms(d: int, generator: torch.Generator) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """One random instance of each invariance transformation for data with ``d`` features."""
+    check_params(RANDOM_ORTHOGONAL_PARAMS, d=d, generator=generator)
     Q = random_orthogonal(d, generator)
     # a well-conditioned but far from orthogonal map: singular values spread over [0.3, 3]
     U, V = random_orthogonal(d, generator), random_orthogonal(d, generator)
