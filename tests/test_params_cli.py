@@ -97,3 +97,39 @@ def test_bad_parameter_is_rejected_in_the_one_message_form(entry, name, bad):
 def test_unknown_colormap_suggests_close_names():
     with pytest.raises(RepsimError, match=r"cmap must be .*, got 'viridiss'\. Did you mean 'viridis'"):
         _small_map().plot(cmap="viridiss")
+
+
+def _subparser(command: str) -> Any:
+    from repsim_plugin.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sub.choices[command]
+
+
+def _option(parser: Any, dest: str) -> Any:
+    return next(a for a in parser._actions if a.dest == dest)
+
+
+def test_command_choices_are_the_librarys_constants():
+    from repsim_plugin.capture import SPATIAL_POLICIES, TOKEN_POLICIES
+    from repsim_plugin.compare import ESTIMATOR_CHOICES
+
+    compare, audit = _subparser("compare"), _subparser("audit")
+    assert list(_option(compare, "estimator").choices) == list(ESTIMATOR_CHOICES)
+    for parser in (compare, audit):
+        assert list(_option(parser, "tokens").choices) == list(TOKEN_POLICIES)
+        assert list(_option(parser, "spatial").choices) == list(SPATIAL_POLICIES)
+
+
+def test_audit_command_defaults_are_the_functions_defaults():
+    from repsim_plugin.adversarial import audit as audit_fn
+
+    parameters = inspect.signature(audit_fn).parameters
+    parser = _subparser("audit")
+    for dest in ("claim_measure", "tolerance", "steps", "seed", "batch_size", "tokens", "spatial"):
+        assert _option(parser, dest).default == parameters[dest].default, dest
+    assert _option(parser, "measures").default == list(parameters["measures"].default)
+    assert _option(parser, "targets").default == list(parameters["targets"].default)
+    for dest in ("lr", "temperature", "lambda_init"):  # left to shift's own defaults unless given
+        assert _option(parser, dest).default is None
