@@ -21,7 +21,13 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
+import torch
+from torch import nn
+
+from ._utils.io import write_text
+from .digits import PENULTIMATE
 from .errors import SmallSampleBiasWarning
 
 MEASURES = ("cka", "debiased_cka", "rbf_cka", "procrustes", "mean_cca", "mutual_knn")
@@ -30,7 +36,10 @@ LAYERS = ["relu1", "relu2", "relu3", "fc2"]
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))
+
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
@@ -38,32 +47,50 @@ def _section(title: str) -> None:
     print(f"\n=== {title} " + "=" * max(0, 100 - len(title)))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="repsim demo", description=__doc__.split("\n\n")[0])
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="repsim demo", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--out", default="out", help="folder for the map, the plots and the report")
     parser.add_argument("--quick", action="store_true", help="fewer fine-tuning steps (for tests)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo's three steps on two freshly trained digits CNNs; outputs go to ``--out``."""
+    args = _parse(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     warnings.simplefilter("ignore", SmallSampleBiasWarning)  # the demo reports debiased CKA next to biased
     start = time.perf_counter()
+    model_a, model_b, (Xtr, ytr, Xte, yte) = _train_models()
+    _compare(model_a, model_b, list(zip(Xte.split(64), yte.split(64), strict=True)), out)
+    _stress_test(model_a, model_b, Xte, yte)
+    _audit(model_a, model_b, (Xtr, ytr), (Xte, yte), steps=200 if args.quick else 600, out=out)
+    print(f"\ndone in {time.perf_counter() - start:.0f} s; outputs in {out}/")
+    return 0
 
-    import repsim_plugin as rp
-    from repsim_plugin import adversarial as adv
-    from repsim_plugin.digits import accuracy, train_digits_cnn
+
+def _train_models() -> tuple[nn.Sequential, nn.Sequential, tuple[torch.Tensor, ...]]:
+    """Step 0: the two CNNs (seeds 0 and 1) and the digits split ``(Xtr, ytr, Xte, yte)``."""
+    from .digits import accuracy, train_digits_cnn
 
     _section("0. two small CNNs trained on real digits (sklearn's 8x8 images), seeds 0 and 1")
-    model_a, (Xtr, ytr, Xte, yte) = train_digits_cnn(seed=0)
+    model_a, split = train_digits_cnn(seed=0)
     model_b, _ = train_digits_cnn(seed=1)
+    _, _, Xte, yte = split
     print(
         f"test accuracy: A {accuracy(model_a, Xte, yte):.3f}, B {accuracy(model_b, Xte, yte):.3f} "
         f"on {len(yte)} held-out digits"
     )
-    data = list(zip(Xte.split(64), yte.split(64), strict=True))
+    return model_a, model_b, split
+
+
+def _compare(model_a: nn.Module, model_b: nn.Module, data: list[Any], out: Path) -> None:
+    """Step 1: the layer x layer maps (biased and debiased CKA), printed and saved as JSON and PNG."""
+    from .compare import compare
 
     _section("1. compare: layer x layer similarity of A and B")
     for measure in ("cka", "debiased_cka"):
-        result = rp.compare(model_a, model_b, data, LAYERS, LAYERS, measure=measure, progress=False)
+        result = compare(model_a, model_b, data, LAYERS, LAYERS, measure=measure, progress=False)
         print(f"\n{result.measure}  (estimator {result.estimator}, n={result.n}; rows: A's layers, columns: B's)")
         rows = [[name, *(f"{v:.3f}" for v in result.values[i].tolist())] for i, name in enumerate(LAYERS)]
         print(_table(rows, ["A \\ B", *LAYERS]))
@@ -74,12 +101,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\nThe diagonal is high: the two networks learned similar representations layer by layer. How much of")
     print("that number is about what the networks compute, and how much is an artifact of CKA?")
 
+
+def _stress_test(model_a: nn.Sequential, model_b: nn.Sequential, Xte: torch.Tensor, yte: torch.Tensor) -> None:
+    """Step 2: Theorem 1 on the penultimate layer: one class moved where the classifier cannot see it."""
+    from . import adversarial as adv
+    from .capture import capture
+
     _section("2. stress test: move one class where the classifier cannot see it (Theorem 1, Corollary 4)")
-    with rp.capture(model_a, ["relu3"]) as rec_a, rp.capture(model_b, ["relu3"]) as rec_b:
+    with capture(model_a, [PENULTIMATE]) as rec_a, capture(model_b, [PENULTIMATE]) as rec_b:
         logits = model_a(Xte)
         model_b(Xte)
-    H, HB = rec_a.activations["relu3"].double(), rec_b.activations["relu3"].double()
-    W, b = model_a.fc2.weight.detach().double(), model_a.fc2.bias.detach().double()
+    H, HB = rec_a.activations[PENULTIMATE].double(), rec_b.activations[PENULTIMATE].double()
+    head = cast(nn.Linear, model_a.fc2)  # the classifier after the penultimate layer
+    W, b = head.weight.detach().double(), head.bias.detach().double()
     limits = [float(adv.subset_translation_limit(H, yte == k)) for k in range(10)]
     cls = min(range(10), key=lambda k: limits[k])
     mask = yte == cls
@@ -93,34 +127,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"along v >= 0 with W v = const: predictions unchanged: {same}; activations still >= 0: "
         f"{bool((moved >= 0).all())}; Theorem 1 limit of CKA(A, A'): {limits[cls]:.3f}\n"
     )
-    rows = []
-    for name in MEASURES:
-        m = rp.measures.make(name)
-        rows.append(
-            [
-                name,
-                m.id,
-                f"{float(m(H, moved)):.3f}",
-                f"{float(m(H, HB)):.3f}",
-                f"{float(m(moved, HB)):.3f}",
-                "higher" if m.larger_is_more_similar else "lower",
-            ]
-        )
-    print(_table(rows, ["measure", "id", "A vs A'", "A vs B", "A' vs B", "more similar is"]))
+    print(_table(_measure_rows(H, moved, HB), ["measure", "id", "A vs A'", "A vs B", "A' vs B", "more similar is"]))
     print("\nA and A' make the same predictions from the same class structure, yet linear CKA calls them different")
     print("and the claim 'A is CKA-similar to B' changes with it; mean CCA (invariant to invertible linear maps)")
     print("does not move. Report several measures.")
 
+
+def _measure_rows(H: torch.Tensor, moved: torch.Tensor, HB: torch.Tensor) -> list[list[str]]:
+    """One row per measure of :data:`MEASURES`: A vs A', A vs B, A' vs B and its direction."""
+    from .measures import make
+
+    rows = []
+    for name in MEASURES:
+        m = make(name)
+        values = [f"{float(m(first, second)):.3f}" for first, second in ((H, moved), (H, HB), (moved, HB))]
+        rows.append([name, m.id, *values, "higher" if m.larger_is_more_similar else "lower"])
+    return rows
+
+
+def _audit(model_a: nn.Module, model_b: nn.Module, train: Any, held_out: Any, *, steps: int, out: Path) -> None:
+    """Step 3: the audit of the penultimate-layer claim, printed and saved as ``audit.md``."""
+    from .adversarial import audit
+
     _section("3. audit: how far can fine-tuning move CKA while 98% of held-out predictions stay the same?")
     # fine-tune on the training digits, judge on the held-out ones; "kept" = top-1 agreement with A >= 98%
-    report = adv.audit(
+    report = audit(
         model_a,
-        "relu3",
+        PENULTIMATE,
         model_b,
-        "relu3",
-        (Xtr, ytr),
-        eval_data=(Xte, yte),
-        steps=200 if args.quick else 600,
+        PENULTIMATE,
+        train,
+        eval_data=held_out,
+        steps=steps,
         temperature=1.0,
         tolerance=0.02,
         measures=(*MEASURES[:2], "procrustes", "mean_cca"),
@@ -130,11 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     markdown = report.to_markdown()
     print(markdown)
-    (out / "audit.md").write_text(markdown, encoding="utf-8")
+    write_text(out / "audit.md", markdown)
     print(f"saved {out / 'audit.md'}")
-
-    print(f"\ndone in {time.perf_counter() - start:.0f} s; outputs in {out}/")
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

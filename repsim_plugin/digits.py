@@ -12,15 +12,27 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from ._utils.checks import AnyOf, Float, Int, check_params
+
 Split = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+ModelT = TypeVar("ModelT", bound=nn.Module)
 
 #: Name of the last hidden layer (post-ReLU, 64 units) in both architectures.
 PENULTIMATE = "relu3"
+
+#: The options of :func:`load_digits_split` (``test_size`` as scikit-learn reads it: a fraction or a count).
+LOAD_DIGITS_SPLIT_PARAMS = {
+    "split_seed": Int(minimum=0, maximum=2**32 - 1),
+    "test_size": AnyOf((Float(positive=True, below=1.0), Int(minimum=1)), "a fraction in (0, 1) or a count >= 1"),
+}
+#: The options of :func:`train_digits_cnn` and :func:`train_digits_mlp`.
+TRAIN_DIGITS_PARAMS = {"seed": Int()}
 
 
 @functools.cache
@@ -43,6 +55,7 @@ def _digits_numpy(split_seed: int, test_size: float) -> tuple[np.ndarray, ...]:
 
 def load_digits_split(split_seed: int = 0, test_size: float = 0.25) -> Split:
     """``(Xtr, ytr, Xte, yte)``: images (n, 1, 8, 8) float32 in [0, 1] and int64 labels; fresh tensors each call."""
+    check_params(LOAD_DIGITS_SPLIT_PARAMS, split_seed=split_seed, test_size=test_size)
     Xtr, Xte, ytr, yte = _digits_numpy(split_seed, test_size)
     return (torch.tensor(Xtr), torch.tensor(ytr), torch.tensor(Xte), torch.tensor(yte))
 
@@ -105,15 +118,19 @@ def _train_single_thread(
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(Xtr), generator=generator)
-        for start in range(0, len(Xtr), batch):
-            idx = order[start : start + batch]
-            loss = nn.functional.cross_entropy(model(Xtr[idx]), ytr[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        for idx in order.split(batch):
+            _step(model, optimizer, Xtr[idx], ytr[idx])
             scheduler.step()
     model.eval()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor, y: torch.Tensor) -> None:
+    """One optimisation step on the cross-entropy of a minibatch."""
+    loss = nn.functional.cross_entropy(model(X), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
 
 
 @functools.cache
@@ -126,7 +143,7 @@ def _mlp_state(seed: int) -> dict[str, torch.Tensor]:
     return _train(build_digits_mlp, seed, epochs=20, lr=1e-2, batch=128)
 
 
-def _fresh(build: Callable[[], nn.Module], state: dict[str, torch.Tensor]) -> nn.Module:
+def _fresh(build: Callable[[], ModelT], state: dict[str, torch.Tensor]) -> ModelT:
     model = build()
     model.load_state_dict(state)
     return model.eval()
@@ -134,11 +151,13 @@ def _fresh(build: Callable[[], nn.Module], state: dict[str, torch.Tensor]) -> nn
 
 def train_digits_cnn(seed: int = 0) -> tuple[nn.Sequential, Split]:
     """A trained digits CNN (eval mode, float32) and the split ``(Xtr, ytr, Xte, yte)``; trained once per seed."""
+    check_params(TRAIN_DIGITS_PARAMS, seed=seed)
     return _fresh(build_digits_cnn, _cnn_state(seed)), load_digits_split()
 
 
 def train_digits_mlp(seed: int = 0) -> tuple[nn.Sequential, Split]:
     """A trained digits MLP (eval mode, float32) and the split ``(Xtr, ytr, Xte, yte)``; trained once per seed."""
+    check_params(TRAIN_DIGITS_PARAMS, seed=seed)
     return _fresh(build_digits_mlp, _mlp_state(seed)), load_digits_split()
 
 

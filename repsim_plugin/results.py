@@ -10,15 +10,13 @@ checks, converts to a pandas DataFrame, and plots as a labelled heatmap.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import math
 import os
 import platform
 import sys
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._utils.checks import Bool, Constraint, Float, Int, Optional, Where, check_params
+from ._utils.io import atomic_write, write_text
+from ._utils.plotting import axes_for, finish_plot
+from ._utils.plotting import save_figure as save_figure  # was defined here; kept importable
+from ._utils.suggest import did_you_mean
 from .errors import InputShapeError, NonFiniteInputError, RepsimError, UnknownNameError
 
 __all__ = ["ESTIMATORS", "SCHEMA", "SCHEMA_VERSION", "SimilarityMap", "collect_versions", "state_dict_fingerprint"]
@@ -36,6 +39,45 @@ SCHEMA_VERSION = 1
 ESTIMATORS = ("feature_streaming", "sample_space", "minibatch", "captured")
 #: Maps larger than this many cells are not annotated by default.
 _ANNOTATE_MAX_CELLS = 256
+
+
+class _Colormap(Constraint):
+    """A registered matplotlib colormap name (an unknown one gets suggestions), or a ``Colormap`` object."""
+
+    def describe(self) -> str:
+        return "a matplotlib colormap name or Colormap"
+
+    def accepts(self, value: Any) -> bool:
+        import matplotlib
+        from matplotlib.colors import Colormap
+
+        return value in matplotlib.colormaps if isinstance(value, str) else isinstance(value, Colormap)
+
+    def error(self, name: str, value: Any) -> RepsimError:
+        import matplotlib
+
+        if not isinstance(value, str):
+            return super().error(name, value)
+        return UnknownNameError(
+            f"{name} must be {self.describe()}, got {value!r}.{did_you_mean(value, matplotlib.colormaps)}"
+        )
+
+    def bad_values(self) -> list[Any]:
+        return ["no-such-colormap", 3]
+
+
+#: The options of :meth:`SimilarityMap.plot`.
+PLOT_PARAMS = {
+    "annotate": Optional(Bool()),
+    "cmap": _Colormap(),
+    "vmin": Optional(Float()),
+    "vmax": Optional(Float()),
+    "title": Optional(Where(lambda v: isinstance(v, str), "a string", bad=(3,))),
+    "dpi": Int(minimum=1),
+}
+
+# adversarial/audit.py still imports these three private names; they go once it uses _utils (helper r-adversarial).
+_atomic_write, _axes_for, _finish_plot = atomic_write, axes_for, finish_plot
 
 
 # --- provenance helpers -----------------------------------------------------------------------------------------------
@@ -81,55 +123,6 @@ def state_dict_fingerprint(model_or_state_dict: torch.nn.Module | Mapping[str, t
         else:
             h.update(f"|{value!r}|".encode())
     return "sha256:" + h.hexdigest()
-
-
-def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
-    """Write a matplotlib figure atomically, in the format its suffix names (PNG when there is none)."""
-    target = Path(path)
-    fmt = target.suffix.lstrip(".").lower() or "png"
-    _atomic_write(target, lambda handle: fig.savefig(handle, format=fmt), mode="wb")
-    return target
-
-
-def _axes_for(path_or_ax: Any, figsize: tuple[float, float], dpi: int) -> tuple[Any, Any]:
-    """The (figure, axes) to draw into: the caller's Axes, or a new Figure (no pyplot state touched)."""
-    from matplotlib.axes import Axes
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if isinstance(path_or_ax, Axes):
-        return path_or_ax.figure, path_or_ax
-    fig = Figure(figsize=figsize, dpi=dpi)
-    FigureCanvasAgg(fig)
-    return fig, fig.add_subplot(1, 1, 1)
-
-
-def _finish_plot(fig: Any, ax: Any, path_or_ax: Any) -> Any:
-    """Return the caller's Axes as is; otherwise lay the figure out, save it when a path was given, return it."""
-    from matplotlib.axes import Axes
-
-    if isinstance(path_or_ax, Axes):
-        return ax
-    fig.tight_layout()
-    if path_or_ax is not None:
-        save_figure(fig, path_or_ax)
-    return fig
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    """Write via a temporary file in the target folder and ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # --- validation helpers -----------------------------------------------------------------------------------------------
@@ -276,10 +269,8 @@ class SimilarityMap:
             return name % len(names)
         if name in names:
             return names.index(name)
-        close = difflib.get_close_matches(str(name), names, n=3)
-        raise UnknownNameError(
-            f"no layer {name!r} in layers_{side}" + (f"; did you mean {close}?" if close else f" ({names}).")
-        )
+        hint = did_you_mean(name, names, n=3)
+        raise UnknownNameError(f"no layer {name!r} in layers_{side}" + (f".{hint}" if hint else f" ({names})."))
 
     def __getitem__(self, key: tuple[str | int, str | int]) -> float:
         """``m["layer1", "layer3"]``: the value of one pair, by names (or integer positions)."""
@@ -374,10 +365,7 @@ class SimilarityMap:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the map as JSON (atomically: temporary file + ``os.replace``); returns the path."""
-        path = Path(path)
-        text = self.to_json()
-        _atomic_write(path, lambda handle: handle.write(text))
-        return path
+        return write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SimilarityMap:
@@ -437,8 +425,9 @@ class SimilarityMap:
         matplotlib Axes to draw into (returns it), or None (returns a new Figure; no pyplot state is touched).
         ``annotate``: write the values in the cells; by default only for maps of at most 256 cells.
         """
+        check_params(PLOT_PARAMS, annotate=annotate, cmap=cmap, vmin=vmin, vmax=vmax, title=title, dpi=dpi)
         La, Lb = self.shape
-        fig, ax = _axes_for(path_or_ax, (max(4.0, 1.2 + 0.45 * Lb), max(3.5, 1.2 + 0.4 * La)), dpi)
+        fig, ax = axes_for(path_or_ax, (max(4.0, 1.2 + 0.45 * Lb), max(3.5, 1.2 + 0.4 * La)), dpi)
         data = self.values.numpy()
         image = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
         ax.set_xticks(range(Lb), labels=self.layers_b, rotation=60, ha="right", fontsize=8)
@@ -450,17 +439,13 @@ class SimilarityMap:
         if annotate is None:
             annotate = La * Lb <= _ANNOTATE_MAX_CELLS
         if annotate:
-            lo, hi = image.get_clim()
-            mid = (lo + hi) / 2
-            for i in range(La):
-                for j in range(Lb):
-                    ax.text(
-                        j,
-                        i,
-                        f"{data[i, j]:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="black" if data[i, j] > mid else "white",
-                    )
-        return _finish_plot(fig, ax, path_or_ax)
+            _annotate(ax, data, image.get_clim())
+        return finish_plot(fig, ax, path_or_ax)
+
+
+def _annotate(ax: Any, data: np.ndarray, clim: tuple[float, float]) -> None:
+    """Write each cell's value into it, dark on the bright half of the colour scale, light on the dark half."""
+    mid = (clim[0] + clim[1]) / 2
+    for (i, j), value in np.ndenumerate(data):
+        color = "black" if value > mid else "white"
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)

@@ -148,7 +148,7 @@ def test_access_by_names():
     m = _map()
     assert m["blocks.1", "layer3"] == pytest.approx(1 / 3)
     assert m[0, -1] == 0.5
-    with pytest.raises(UnknownNameError, match="did you mean \\['layer2'"):
+    with pytest.raises(UnknownNameError, match="Did you mean 'layer2'"):
         m["blocks.0", "layer_2"]
     assert m.argmax_per_row() == {"blocks.0": "layer1", "blocks.1": "layer2"}
     with pytest.raises(InputShapeError, match="square"):
