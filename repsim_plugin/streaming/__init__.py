@@ -39,15 +39,17 @@ __all__ = [
     "TorchmetricsLinearCKA",
 ]
 
-_TORCHMETRICS_CLASS: type | None = None
-
 
 def __getattr__(name: str) -> Any:
-    global _TORCHMETRICS_CLASS
     if name == "TorchmetricsLinearCKA":
-        if _TORCHMETRICS_CLASS is None:
-            from .torchmetrics import torchmetrics_class
-
-            _TORCHMETRICS_CLASS = torchmetrics_class()
-        return _TORCHMETRICS_CLASS
+        try:
+            from .torchmetrics import TorchmetricsLinearCKA
+        except ModuleNotFoundError as err:
+            if err.name is None or not err.name.startswith("torchmetrics"):
+                raise
+            raise ModuleNotFoundError(
+                "TorchmetricsLinearCKA needs torchmetrics: pip install torchmetrics (or use streaming.LinearCKA)."
+            ) from err
+        globals()[name] = TorchmetricsLinearCKA
+        return TorchmetricsLinearCKA
     raise AttributeError(f"module 'repsim_plugin.streaming' has no attribute {name!r}")

@@ -24,7 +24,7 @@ class Reduction:
 
     A value may be ``None`` (not started: its shape is known at the first update). ``save`` returns the state-dict
     entries of the value (usually ``{key: value}``); ``load`` reads them back (``owner`` is the accumulator being
-    loaded, its layout already restored).
+    loaded, its layout already restored). The defaults treat the value as float64 tensors (or a dict of them).
     """
 
     def merge(self, mine: Any, theirs: Any) -> Any:

@@ -1,7 +1,8 @@
 """The accumulator base: each accumulator declares its state once, and the life cycle is derived from it.
 
 An accumulator declares every piece of its state with :meth:`Accumulator.add_state` (a name, a default and a
-:class:`Reduction`), as torchmetrics' ``Metric.add_state`` does. From those declarations the base derives
+:class:`Reduction`: :data:`SUM`, :data:`COUNT`, :data:`ROWS` or its own), as torchmetrics' ``Metric.add_state``
+does. From those declarations the base derives
 ``reset``, ``merge``, ``state_dict`` / ``load_state_dict``, ``all_reduce``, ``to`` and the copy that
 ``compute(sync="auto")`` reduces; a subclass writes only ``update`` and the computation of its result.
 
@@ -32,10 +33,21 @@ import torch
 from .._utils import dist
 from .._utils.checks import Where, check_params
 from ..errors import RepsimError, StateError
-from ._reductions import Reduction
+from ._reductions import COUNT, ROWS, SUM, Reduction
 from ._rows import Acts, Group, _Layout, check_acts, label_a, label_b, validate_rows
 
-__all__ = ["COMPUTE_PARAMS", "SAME", "STATE_VERSION", "Accumulator", "MapAccumulator", "check_header"]
+__all__ = [
+    "COMPUTE_PARAMS",
+    "COUNT",
+    "ROWS",
+    "SAME",
+    "STATE_VERSION",
+    "SUM",
+    "Accumulator",
+    "MapAccumulator",
+    "Reduction",
+    "check_header",
+]
 
 STATE_VERSION = 1
 
@@ -46,7 +58,7 @@ COMPUTE_PARAMS = {"sync": Where(lambda v: isinstance(v, bool) or v == "auto", "'
 #: per map: (feature dims of side a, of side b or None when a model's layers are compared with themselves)
 Maps = Sequence[tuple[Sequence[int], Sequence[int] | None]]
 
-A = TypeVar("A", bound="Accumulator")
+_Acc = TypeVar("_Acc", bound="Accumulator")
 
 
 @dataclass(frozen=True)
@@ -214,14 +226,14 @@ class Accumulator:
                 target.all_reduce(self.process_group)
         return target._compute_local()
 
-    def _copy(self: A) -> A:
+    def _copy(self: _Acc) -> _Acc:
         """A copy whose state later updates of either cannot reach (what ``compute(sync="auto")`` reduces)."""
         out = copy.copy(self)
         for d in self._declared:
             setattr(out, d.name, d.reduce.copy(getattr(self, d.name)))
         return out
 
-    def to(self: A, device: torch.device | str) -> A:
+    def to(self: _Acc, device: torch.device | str) -> _Acc:
         """Move the state to ``device`` (later batches are moved there too); returns self."""
         self._device = torch.device(device)
         for d in self._declared:
@@ -249,7 +261,7 @@ class Accumulator:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the options must match this accumulator's. On error nothing changes."""
-        self._check_header(state)
+        check_header(state, self._kind)
         saved = {k: state.get(k) for k in self._options()}
         if saved != self._options():
             raise RepsimError(
@@ -276,9 +288,6 @@ class Accumulator:
     def _load_layout(self, state: Mapping[str, Any]) -> bool:
         """Restore what the first update fixed; False when the saved accumulator had no data (nothing to load)."""
         return True
-
-    def _check_header(self, state: Mapping[str, Any]) -> None:
-        check_header(state, self._kind)
 
 
 def check_header(state: Any, kind: str) -> None:

@@ -49,6 +49,11 @@ def check_batch_rows(b: int) -> None:
         )
 
 
+def _no_sums() -> torch.Tensor:
+    """What a rank that saw no batch contributes to the all-reduced sums."""
+    return torch.zeros(3, dtype=F64)
+
+
 class _Kernel:
     """The kernel options shared by both minibatch accumulators (saved in the state dict, checked on merge)."""
 
@@ -86,7 +91,7 @@ class MinibatchCKA(_Kernel, Accumulator):
         self.kernel, self.kernel_params = kernel_config(kernel, kernel_params)
         self.add_state("batches", 0, COUNT)
         self.add_state("n", 0, COUNT)
-        self.add_state("sums", None, SUM3, blank=lambda: torch.zeros(3, dtype=F64))
+        self.add_state("sums", None, SUM3, blank=_no_sums)
 
     def _has_data(self) -> bool:
         return self.sums is not None

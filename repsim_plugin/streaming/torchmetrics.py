@@ -1,7 +1,7 @@
-"""Exact streaming linear CKA as a ``torchmetrics.Metric``, built on first use (torchmetrics is optional).
+"""Exact streaming linear CKA as a ``torchmetrics.Metric`` (torchmetrics is optional).
 
-``repsim_plugin.streaming.TorchmetricsLinearCKA`` is created by :func:`torchmetrics_class` when first asked for,
-so that importing the streaming package never imports torchmetrics.
+This module imports torchmetrics; ``repsim_plugin.streaming`` imports it only when ``TorchmetricsLinearCKA`` is
+first asked for, so that importing the streaming package never imports torchmetrics.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 import torch
+from torchmetrics import Metric
 
 from .._utils.checks import Bool, Where, check_params
 from .._utils.inputs import check_matrix
@@ -17,15 +18,12 @@ from ..errors import InputShapeError
 from ._moments import _Moments
 from ._rows import F64, _Layout, check_same_rows, label_x, label_y
 
-__all__ = ["TORCHMETRICS_LINEAR_CKA_PARAMS", "torchmetrics_class"]
+__all__ = ["TORCHMETRICS_LINEAR_CKA_PARAMS", "TorchmetricsLinearCKA"]
 
 _POSITIVE_INT = Where(
-    lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive int", (0, True, 2.5)
+    lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive int", bad=(0, True, 2.5)
 )
 TORCHMETRICS_LINEAR_CKA_PARAMS = {"num_features_x": _POSITIVE_INT, "num_features_y": _POSITIVE_INT, "debiased": Bool()}
-
-#: where the class says it lives, so that pickle finds it again through the package's ``__getattr__``
-PUBLIC_MODULE = "repsim_plugin.streaming"
 
 
 def pack(m: _Moments) -> torch.Tensor:
@@ -59,67 +57,54 @@ class _ChanMerge:
         return pack(acc)
 
 
-def torchmetrics_class() -> type:
-    """The ``TorchmetricsLinearCKA`` class (a ``torchmetrics.Metric`` subclass)."""
-    try:
-        from torchmetrics import Metric
-    except ImportError as err:  # pragma: no cover - torchmetrics is a dev dependency
-        raise ModuleNotFoundError(
-            "TorchmetricsLinearCKA needs torchmetrics: pip install torchmetrics (or use streaming.LinearCKA)."
-        ) from err
+class TorchmetricsLinearCKA(Metric):
+    """Exact streaming linear CKA as a ``torchmetrics.Metric`` (DDP sync, ``MetricCollection``, Lightning).
 
-    class TorchmetricsLinearCKA(Metric):
-        """Exact streaming linear CKA as a ``torchmetrics.Metric`` (DDP sync, ``MetricCollection``, Lightning).
+    Feature dimensions are fixed at construction (torchmetrics states need their shapes up front). The whole
+    sufficient statistic lives in one float64 state ``stats``; its ``dist_reduce_fx`` is an exact Chan merge of
+    the gathered per-rank states, not ``"sum"``: centered moments of different shards are not additive, and a
+    shift shared by all ranks would need communication inside ``update``. ``forward`` returns the batch's own
+    CKA (a batch needs >= 2 rows, >= 4 debiased) and merges the batch into the running state.
+    """
 
-        Feature dimensions are fixed at construction (torchmetrics states need their shapes up front). The whole
-        sufficient statistic lives in one float64 state ``stats``; its ``dist_reduce_fx`` is an exact Chan merge of
-        the gathered per-rank states, not ``"sum"``: centered moments of different shards are not additive, and a
-        shift shared by all ranks would need communication inside ``update``. ``forward`` returns the batch's own
-        CKA (a batch needs >= 2 rows, >= 4 debiased) and merges the batch into the running state.
-        """
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+    stats: torch.Tensor  # the packed moments (see pack)
 
-        is_differentiable = False
-        higher_is_better = True
-        full_state_update = False
+    def __init__(self, num_features_x: int, num_features_y: int, debiased: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        check_params(
+            TORCHMETRICS_LINEAR_CKA_PARAMS,
+            num_features_x=num_features_x,
+            num_features_y=num_features_y,
+            debiased=debiased,
+        )
+        self.debiased = debiased
+        self._lay_x = _Layout(("X",), (num_features_x,))
+        self._lay_y = _Layout(("Y",), (num_features_y,))
+        empty = pack(_Moments(self._lay_x, self._lay_y, self.debiased, torch.device("cpu")))
+        self.add_state("stats", default=empty, dist_reduce_fx=_ChanMerge(self._lay_x, self._lay_y, self.debiased))
 
-        def __init__(self, num_features_x: int, num_features_y: int, debiased: bool = False, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            check_params(
-                TORCHMETRICS_LINEAR_CKA_PARAMS,
-                num_features_x=num_features_x,
-                num_features_y=num_features_y,
-                debiased=debiased,
-            )
-            self.debiased = debiased
-            self._lay_x = _Layout(("X",), (num_features_x,))
-            self._lay_y = _Layout(("Y",), (num_features_y,))
-            empty = pack(_Moments(self._lay_x, self._lay_y, self.debiased, torch.device("cpu")))
-            self.add_state("stats", default=empty, dist_reduce_fx=_ChanMerge(self._lay_x, self._lay_y, self.debiased))
+    def _moments(self) -> _Moments:
+        return unpack(self.stats, self._lay_x, self._lay_y, self.debiased)
 
-        def _moments(self) -> _Moments:
-            return unpack(self.stats, self._lay_x, self._lay_y, self.debiased)
+    def update(self, X: Any, Y: Any) -> None:
+        X, Y = check_matrix(X, "X"), check_matrix(Y, "Y")
+        check_same_rows([(label_x, {"X": X}), (label_y, {"Y": Y})])
+        for name, t, lay in (("X", X, self._lay_x), ("Y", Y, self._lay_y)):
+            if t.shape[1] != lay.total:
+                raise InputShapeError(
+                    f"{name} has {t.shape[1]} features; this metric was built for {lay.total} "
+                    f"(num_features_{name.lower()})."
+                )
+        m = self._moments()
+        device = self.stats.device
+        with torch.no_grad():
+            m.update_(X.detach().to(device, F64), Y.detach().to(device, F64))
+        self.stats = pack(m)
 
-        def update(self, X: Any, Y: Any) -> None:
-            X, Y = check_matrix(X, "X"), check_matrix(Y, "Y")
-            check_same_rows([(label_x, {"X": X}), (label_y, {"Y": Y})])
-            for name, t, lay in (("X", X, self._lay_x), ("Y", Y, self._lay_y)):
-                if t.shape[1] != lay.total:
-                    raise InputShapeError(
-                        f"{name} has {t.shape[1]} features; this metric was built for {lay.total} "
-                        f"(num_features_{name.lower()})."
-                    )
-            m = self._moments()
-            device = self.stats.device
-            with torch.no_grad():
-                m.update_(X.detach().to(device, F64), Y.detach().to(device, F64))
-            self.stats = pack(m)
-
-        def compute(self) -> torch.Tensor:
-            m = self._moments()
-            with torch.no_grad():
-                return m.cka((label_x, label_y))[0, 0]
-
-    # picklable: the class is found again as repsim_plugin.streaming.TorchmetricsLinearCKA (the package __getattr__)
-    TorchmetricsLinearCKA.__module__ = PUBLIC_MODULE
-    TorchmetricsLinearCKA.__qualname__ = "TorchmetricsLinearCKA"
-    return TorchmetricsLinearCKA
+    def compute(self) -> torch.Tensor:
+        m = self._moments()
+        with torch.no_grad():
+            return m.cka((label_x, label_y))[0, 0]
