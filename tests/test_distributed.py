@@ -116,7 +116,8 @@ def core_checks(rank: int, shard: tuple[int, int]) -> dict[str, object]:
     import torch.distributed as dist
 
     from repsim_plugin.errors import RepsimError
-    from repsim_plugin.streaming import LinearCKA, LinearCKAMap, _Moments
+    from repsim_plugin.streaming import LinearCKA, LinearCKAMap
+    from repsim_plugin.streaming._moments import _Moments
 
     calls: list[str] = []
     original = dist.all_reduce

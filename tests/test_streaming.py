@@ -38,9 +38,9 @@ from repsim_plugin.streaming import (
     MinibatchCKA,
     MinibatchCKAMap,
     SampleSpaceCKAMap,
-    _Layout,
-    _Moments,
 )
+from repsim_plugin.streaming._moments import _Moments
+from repsim_plugin.streaming._rows import _Layout
 
 TOL = 1e-10
 

@@ -1,0 +1,184 @@
+"""Minibatch CKA (Nguyen, Raghu & Kornblith 2021): summed unbiased HSICs of each batch, normalized at the end.
+
+It is its own estimator, not full-data CKA: close, not equal. Every batch counts equally, whatever its size (use
+equal batch sizes), and each needs at least :attr:`MinibatchCKAMap.min_batch_rows` rows (unbiased HSIC). Any kernel
+of ``measures.kernels.KERNELS`` works, since only each batch's Grams are formed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from .._utils.checks import check_params
+from .._utils.inputs import check_matrix
+from ..errors import RepsimError, TooFewSamplesError
+from ..measures.kernels import KERNEL_PARAMS, KERNELS, cka_from_hsic, hsic_unbiased, hsic_unbiased_table, resolve_kernel
+from ._reductions import COUNT, SUM, SUM3
+from ._rows import F64, Acts, check_same_rows, label_a, label_b, label_x, label_y, order_like, ratio_table, self_hsic
+from .base import SAME, Accumulator, MapAccumulator, Maps
+
+__all__ = ["MINIBATCH_CKA_MAP_PARAMS", "MINIBATCH_ROWS", "MinibatchCKA", "MinibatchCKAMap"]
+
+MINIBATCH_CKA_MAP_PARAMS = {"same": SAME}
+#: unbiased HSIC needs 4 rows, so every batch of minibatch CKA does
+MINIBATCH_ROWS = 4
+
+
+def kernel_config(kernel: Any, kernel_params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Validated kernel name and its full parameters (defaults filled in), as the CKA measures resolve them."""
+    params = {"kernel": kernel, **kernel_params}
+    name, full = resolve_kernel(params)
+    if params:  # what resolve_kernel leaves is not the kernel's, and nothing else here takes parameters
+        accepted = sorted(KERNEL_PARAMS.get(name, {}))
+        raise RepsimError(
+            f"kernel {name!r} takes no parameter(s) {sorted(params)}"
+            + (f"; it accepts {accepted}." if accepted else ".")
+            + (" Pass kernel='rbf' to use sigma." if "sigma" in params else "")
+        )
+    return name, full
+
+
+def check_batch_rows(b: int) -> None:
+    if b < MINIBATCH_ROWS:
+        raise TooFewSamplesError(
+            f"minibatch CKA needs at least {MINIBATCH_ROWS} rows per batch (unbiased HSIC), got a batch of {b}. Use "
+            "larger batches, or drop the last short batch (DataLoader(..., drop_last=True))."
+        )
+
+
+def _no_sums() -> torch.Tensor:
+    """What a rank that saw no batch contributes to the all-reduced sums."""
+    return torch.zeros(3, dtype=F64)
+
+
+class _Kernel:
+    """The kernel options shared by both minibatch accumulators (saved in the state dict, checked on merge)."""
+
+    kernel: str
+    kernel_params: dict[str, Any]
+
+    def _options(self) -> dict[str, Any]:
+        return {"kernel": self.kernel, "kernel_params": dict(self.kernel_params)}
+
+    def _describe(self, options: Mapping[str, Any]) -> str:
+        return f"kernel={options.get('kernel')!r} {options.get('kernel_params')}"
+
+    def _grams(self, tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """Stacked (L, b, b) float64 Grams of one batch, one per layer."""
+        gram = KERNELS[self.kernel]
+        return torch.stack([gram(t.detach().to(device, F64), **self.kernel_params) for t in tensors])
+
+
+class MinibatchCKA(_Kernel, Accumulator):
+    """Minibatch CKA (Nguyen, Raghu & Kornblith 2021) of one pair, with any kernel of ``kernels.KERNELS``.
+
+    Each batch adds unbiased HSIC(K, L), HSIC(K, K), HSIC(L, L) of its own Grams; ``compute()`` is
+    ``sum_xy / sqrt(sum_xx sum_yy)``. Per-batch CKA values are never averaged. Every batch counts equally, whatever
+    its size (use equal batch sizes). It estimates a different quantity from full-data CKA: close, not equal.
+    """
+
+    _kind = "MinibatchCKA"
+    min_batch_rows: ClassVar[int] = MINIBATCH_ROWS
+    batches: int
+    n: int
+    sums: torch.Tensor | None  # [xy, xx, yy]
+
+    def __init__(self, kernel: str = "linear", *, process_group: Any = None, **kernel_params: Any) -> None:
+        super().__init__(process_group=process_group)
+        self.kernel, self.kernel_params = kernel_config(kernel, kernel_params)
+        self.add_state("batches", 0, COUNT)
+        self.add_state("n", 0, COUNT)
+        self.add_state("sums", None, SUM3, blank=_no_sums)
+
+    def _has_data(self) -> bool:
+        return self.sums is not None
+
+    def update(self, X: Any, Y: Any) -> None:
+        """Add one batch (at least 4 rows) of X (b, p) and Y (b, q)."""
+        self._check_not_reduced("update")
+        X, Y = check_matrix(X, "X"), check_matrix(Y, "Y")
+        b = check_same_rows([(label_x, {"X": X}), (label_y, {"Y": Y})])
+        check_batch_rows(b)
+        device = self.sums.device if self.sums is not None else self._device or X.device
+        with torch.no_grad():
+            K, L = self._grams([X, Y], device)
+            batch = torch.stack([hsic_unbiased(K, L), hsic_unbiased(K, K), hsic_unbiased(L, L)])
+        self.sums = batch if self.sums is None else self.sums + batch
+        self.batches += 1
+        self.n += b
+
+    def _compute_local(self) -> torch.Tensor:
+        if self.batches == 0 or self.sums is None:
+            raise TooFewSamplesError("MinibatchCKA.compute: no batch has been added yet; call update first.")
+        return cka_from_hsic(self.sums[0], self.sums[1], self.sums[2])
+
+    def __repr__(self) -> str:
+        return f"MinibatchCKA(kernel={self.kernel!r}, {self.kernel_params}, batches={self.batches}, n={self.n})"
+
+
+class MinibatchCKAMap(_Kernel, MapAccumulator):
+    """Minibatch CKA for every layer pair: each layer's batch Gram is formed once per batch and shared by its pairs.
+
+    ``same`` as in :class:`LinearCKAMap`. State: per layer the summed self-HSIC, per pair the summed cross-HSIC,
+    and the batch / sample counts. Transient memory per update: O((La + Lb) b^2) float64 Grams.
+    """
+
+    _kind = "MinibatchCKAMap"
+    min_batch_rows: ClassVar[int] = MINIBATCH_ROWS
+    batches: int
+    n: int
+    _hsic: dict[str, torch.Tensor]  # "cross" (La, Lb); two sides: "self_a" (La,), "self_b" (Lb,)
+
+    def __init__(
+        self, kernel: str = "linear", *, same: bool | None = None, process_group: Any = None, **kernel_params: Any
+    ) -> None:
+        check_params(MINIBATCH_CKA_MAP_PARAMS, same=same)
+        super().__init__(same=same, process_group=process_group)
+        self.kernel, self.kernel_params = kernel_config(kernel, kernel_params)
+        self.add_state("batches", 0, COUNT)
+        self.add_state("n", 0, COUNT)
+        self.add_state("_hsic", dict, SUM, key="tensors")
+
+    @staticmethod
+    def memory_bytes(batch_size: int, n_layers_a: int, n_layers_b: int | None = None) -> int:
+        """Transient float64 Grams of one update plus the (tiny) state."""
+        layers = n_layers_a + (n_layers_b or 0)
+        return 8 * (layers * int(batch_size) ** 2 + n_layers_a * (n_layers_b or n_layers_a) + layers)
+
+    @classmethod
+    def memory_needed(cls, maps: Maps, *, n: int | None, batch_size: int, itemsize: int, **options: Any) -> int | None:
+        """One update's Grams and the HSIC sums of every map (independent of n)."""
+        return sum(cls.memory_bytes(batch_size, len(da), None if db is None else len(db)) for da, db in maps)
+
+    def update(self, acts_a: Acts, acts_b: Acts | None = None) -> None:
+        """Add one batch (at least :attr:`min_batch_rows` rows) of every layer."""
+        A, B, groups = self._validate_update(acts_a, acts_b)
+        b = check_same_rows(groups)
+        check_batch_rows(b)
+        la, lb = self._layouts(A, B)
+        device = self._state_device() or self._device or next(iter(A.values())).device
+        with torch.no_grad():
+            KA = self._grams(order_like(A, la, "acts_a"), device)
+            if B is None or lb is None:
+                batch = {"cross": hsic_unbiased_table(KA, KA, symmetric=True)}
+            else:
+                KB = self._grams(order_like(B, lb, "acts_b"), device)
+                batch = {"cross": hsic_unbiased_table(KA, KB, symmetric=True), "self_a": self_hsic(KA)}
+                batch["self_b"] = self_hsic(KB)
+        self._hsic = batch if not self._hsic else {k: v + batch[k] for k, v in self._hsic.items()}
+        self._layout = (la, lb)
+        self.batches += 1
+        self.n += b
+
+    def _compute_local(self) -> torch.Tensor:
+        if self.batches == 0 or self._layout is None:
+            raise TooFewSamplesError("MinibatchCKAMap.compute: no batch has been added yet; call update first.")
+        cross = self._hsic["cross"]
+        if self.same:
+            diagonal = torch.diagonal(cross)
+            return ratio_table(cross, diagonal, diagonal, [(self.layers_a, label_a), (self.layers_a, label_a)])
+        names = [(self.layers_a, label_a), (self.layers_b, label_b)]
+        return ratio_table(cross, self._hsic["self_a"], self._hsic["self_b"], names)
