@@ -569,7 +569,7 @@ def test_lazy_model_level_names_resolve_only_on_access():
 
     adversarial = rp.adversarial
     assert adversarial.translate_subset is translate_subset
-    for name, module in (("shift", "optimize"), ("audit", "audit")):
+    for name, module in (("shift", "shifting"), ("audit", "audit")):
         if importlib.util.find_spec(f"repsim_plugin.adversarial.{module}") is None:
             assert name not in adversarial.__all__
             with pytest.raises(AttributeError, match=module):

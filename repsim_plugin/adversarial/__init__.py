@@ -1,7 +1,7 @@
 """How far can a similarity claim be pushed while the model's outputs stay the same?
 
 ``transforms`` holds the paper's analytic stress tests (Davari et al., ICLR 2023) and is imported eagerly: it
-needs only torch (and scipy for one QP). The model-level tools, ``shift`` (module ``optimize``) and ``audit``
+needs only torch (and scipy for one QP). The model-level tools, ``shift`` (module ``shifting``) and ``audit``
 (module ``audit``), are loaded on first attribute access, so importing this package stays cheap and does not
 fail where those modules or their dependencies are absent.
 """
@@ -29,8 +29,8 @@ from .transforms import (
 
 # public name -> (submodule, attribute)
 _LAZY: dict[str, tuple[str, str]] = {
-    "shift": ("optimize", "shift"),
-    "ShiftResult": ("optimize", "ShiftResult"),
+    "shift": ("shifting", "shift"),
+    "ShiftResult": ("result", "ShiftResult"),
     "audit": ("audit", "audit"),
     "AuditReport": ("audit", "AuditReport"),
 }

@@ -31,23 +31,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._utils.batches import take as _take
 from ..adapters import for_model
 from ..capture import capture
 from ..compare import _model_device, _to_device
 from ..errors import DegenerateInputError, RepsimError, SmallSampleBiasWarning
 from ..measures import Measure, make
 from ..results import _atomic_write, _axes_for, _finish_plot, state_dict_fingerprint
-from .optimize import (
-    MIN_BATCH,
-    ShiftResult,
-    _as_chunks,
-    _capture_rows,
-    _Chunk,
-    _preserved_output,
-    _single_layer_rows,
-    _take,
-    shift,
-)
+from ._data import MIN_BATCH
+from ._data import Chunk as _Chunk
+from ._data import as_chunks as _as_chunks
+from ._data import capture_rows as _capture_rows
+from ._data import single_layer_rows as _single_layer_rows
+from .objective import preserved_output as _preserved_output
+from .result import ShiftResult
+from .shifting import shift
 from .transforms import (
     outlier_limit,
     scale_for_target_cka,
