@@ -21,7 +21,9 @@ from reference import cka_numpy, debiased_cka_numpy, hsic_unbiased_numpy
 
 import repsim_plugin as rp
 from repsim_plugin.adversarial import ShiftResult, shift
-from repsim_plugin.adversarial.optimize import LAMBDA_FACTOR, LowRankAffine, _log_cosh, _MinibatchMeasure
+from repsim_plugin.adversarial.objective import MinibatchMeasure, log_cosh
+from repsim_plugin.adversarial.perturbation import LowRankAffine
+from repsim_plugin.adversarial.shifting import LAMBDA_FACTOR
 from repsim_plugin.errors import InputShapeError, RepsimError, SmallSampleBiasWarning, UnknownNameError
 from repsim_plugin.measures import make
 
@@ -93,7 +95,7 @@ def test_minibatch_cka_is_the_textbook_debiased_cka_and_keeps_gradients():
     g = torch.Generator().manual_seed(0)
     X = torch.randn(40, 7, generator=g, dtype=torch.float64, requires_grad=True)
     Y = torch.randn(40, 5, generator=g, dtype=torch.float64) + X[:, :5].detach()
-    estimate = _MinibatchMeasure(make("cka"))  # biased CKA is evaluated; the minibatch objective is unbiased
+    estimate = MinibatchMeasure(make("cka"))  # biased CKA is evaluated; the minibatch objective is unbiased
     value = estimate.pair(X, Y)
     assert value.requires_grad
     Xn, Yn = X.detach().numpy(), Y.numpy()
@@ -115,12 +117,12 @@ def test_minibatch_estimate_of_rbf_cka_and_of_other_measures():
     g = torch.Generator().manual_seed(1)
     X = torch.randn(30, 4, generator=g, dtype=torch.float64)
     Y = torch.tanh(X @ torch.randn(4, 6, generator=g, dtype=torch.float64))
-    rbf = _MinibatchMeasure(make("rbf_cka"))
+    rbf = MinibatchMeasure(make("rbf_cka"))
     D = lambda A: ((A[:, None] - A[None]) ** 2).sum(-1)  # noqa: E731
     K = np.exp(-D(X.numpy()) / (2 * 0.25 * np.median(D(X.numpy()))))
     L = np.exp(-D(Y.numpy()) / (2 * 0.25 * np.median(D(Y.numpy()))))
     assert float(rbf.pair(X, Y)) == pytest.approx(debiased_cka_numpy(K, L), abs=1e-10)
-    procrustes = _MinibatchMeasure(make("procrustes"))  # a non-CKA measure: the measure itself on the batch
+    procrustes = MinibatchMeasure(make("procrustes"))  # a non-CKA measure: the measure itself on the batch
     assert float(procrustes.pair(X, Y)) == pytest.approx(float(make("procrustes")(X, Y)), abs=1e-12)
 
 
@@ -129,8 +131,8 @@ def test_log_cosh_is_exact_and_does_not_overflow():
     with np.errstate(over="ignore"):
         expected = np.log(np.cosh(x.numpy()))
     finite = np.isfinite(expected)
-    assert np.allclose(_log_cosh(x).numpy()[finite], expected[finite], rtol=1e-12, atol=1e-15)
-    assert float(_log_cosh(x)[-1]) == pytest.approx(800.0 - math.log(2.0))
+    assert np.allclose(log_cosh(x).numpy()[finite], expected[finite], rtol=1e-12, atol=1e-15)
+    assert float(log_cosh(x)[-1]) == pytest.approx(800.0 - math.log(2.0))
 
 
 def test_low_rank_affine_starts_as_the_identity():

@@ -569,7 +569,7 @@ def test_lazy_model_level_names_resolve_only_on_access():
 
     adversarial = rp.adversarial
     assert adversarial.translate_subset is translate_subset
-    for name, module in (("shift", "optimize"), ("audit", "audit")):
+    for name, module in (("shift", "shifting"), ("audit", "auditing")):
         if importlib.util.find_spec(f"repsim_plugin.adversarial.{module}") is None:
             assert name not in adversarial.__all__
             with pytest.raises(AttributeError, match=module):
@@ -583,30 +583,24 @@ def test_lazy_model_level_names_resolve_only_on_access():
     assert "subset_translation_cka" in namespace
 
 
-def test_a_submodule_import_cannot_shadow_the_public_function():
-    """Importing ``repsim_plugin.adversarial.audit`` binds the module to the package attribute ``audit``; the
-    package binds the function of that name instead, so ``rp.adversarial.audit(...)`` keeps working."""
+def test_importing_every_submodule_leaves_shift_and_audit_the_functions():
+    """No submodule is named like a public function, so importing each of them (as the CLI and users do) never
+    rebinds ``rp.adversarial.shift`` / ``audit`` to a module."""
+    import importlib
+    import pkgutil
+
     adversarial = rp.adversarial
-    missing = object()
-    previous = adversarial.__dict__.get("audit", missing)
-    fake = types.ModuleType("repsim_plugin.adversarial.audit")
+    names = sorted(info.name for info in pkgutil.iter_modules(adversarial.__path__))
+    assert {"shifting", "auditing"} <= set(names)
+    for name in names:
+        importlib.import_module(f"repsim_plugin.adversarial.{name}")
+    for name in ("shift", "audit"):
+        value = getattr(adversarial, name)
+        assert isinstance(value, types.FunctionType) and value.__name__ == name
+    from repsim_plugin.adversarial import audit, shift
 
-    def audit():
-        return "the function"
-
-    fake.audit = audit
-    try:
-        adversarial.audit = fake  # what the import system does after loading the submodule
-        assert adversarial.audit is audit
-        unrelated = types.ModuleType("somewhere.else")
-        adversarial.some_module = unrelated  # other attributes are untouched
-        assert adversarial.some_module is unrelated
-    finally:
-        adversarial.__dict__.pop("some_module", None)
-        if previous is missing:
-            adversarial.__dict__.pop("audit", None)
-        else:
-            adversarial.__dict__["audit"] = previous
+    assert shift is adversarial.shift and audit is adversarial.audit
+    assert not any(isinstance(getattr(adversarial, n, None), types.ModuleType) for n in adversarial.__all__)
 
 
 def test_importing_the_package_loads_neither_scipy_nor_sklearn():

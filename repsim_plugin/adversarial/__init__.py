@@ -1,17 +1,17 @@
 """How far can a similarity claim be pushed while the model's outputs stay the same?
 
 ``transforms`` holds the paper's analytic stress tests (Davari et al., ICLR 2023) and is imported eagerly: it
-needs only torch (and scipy for one QP). The model-level tools, ``shift`` (module ``optimize``) and ``audit``
-(module ``audit``), are loaded on first attribute access, so importing this package stays cheap and does not
-fail where those modules or their dependencies are absent.
+needs only torch (and scipy for one QP, imported when called). The model-level tools are loaded on first
+attribute access, so importing this package stays cheap: ``shift`` (module ``shifting``, with its objective in
+``objective``, the perturbation in ``perturbation``, the targets in ``targets`` and the result in ``result``) and
+``audit`` (module ``auditing``, with its changes in ``changes`` and the report in ``report``). No module is named
+like a function, so importing any of them never shadows ``shift`` or ``audit``.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
-import types
 from typing import Any
 
 from .transforms import (
@@ -29,10 +29,17 @@ from .transforms import (
 
 # public name -> (submodule, attribute)
 _LAZY: dict[str, tuple[str, str]] = {
-    "shift": ("optimize", "shift"),
-    "ShiftResult": ("optimize", "ShiftResult"),
-    "audit": ("audit", "audit"),
-    "AuditReport": ("audit", "AuditReport"),
+    "shift": ("shifting", "shift"),
+    "ShiftConfig": ("shifting", "ShiftConfig"),
+    "MODES": ("shifting", "MODES"),
+    "CRITERIA": ("shifting", "CRITERIA"),
+    "PRESERVE": ("objective", "PRESERVE"),
+    "LowRankAffine": ("perturbation", "LowRankAffine"),
+    "ShiftResult": ("result", "ShiftResult"),
+    "audit": ("auditing", "audit"),
+    "DEFAULT_MEASURES": ("auditing", "DEFAULT_MEASURES"),
+    "AuditReport": ("report", "AuditReport"),
+    "Change": ("report", "Change"),
 }
 
 
@@ -75,27 +82,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """Keep a public function from being shadowed by the submodule of the same name.
-
-    Importing ``repsim_plugin.adversarial.audit`` (e.g. ``from repsim_plugin.adversarial.audit import AuditReport``
-    in the CLI) makes the import system bind the *module* to this package's attribute ``audit``; the function
-    ``audit`` would then be unreachable as ``rp.adversarial.audit(...)``. Bind the function instead.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        lazy = _LAZY.get(name)
-        if (
-            lazy is not None
-            and lazy[0] == name
-            and isinstance(value, types.ModuleType)
-            and value.__name__ == f"{__name__}.{name}"
-            and hasattr(value, lazy[1])
-        ):
-            value = getattr(value, lazy[1])
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -1,0 +1,281 @@
+"""Audit a similarity claim: how far can it be moved while model A's outputs stay the same?
+
+``audit(model_a, layer_a, model_b, layer_b, data)`` measures the claim (linear CKA between the two layers by
+default), then changes model A's representation in ways that keep A's outputs, and reports what every requested
+measure says before and after each change (the changes are objects of :mod:`.changes`):
+
+1. **fine-tuning** (:func:`~repsim_plugin.adversarial.shift`): A is fine-tuned toward a low and a high CKA with B
+   while a frozen copy of A keeps its outputs (top-1 agreement >= 1 - tolerance for classifiers, output cosine
+   >= 1 - tolerance otherwise): the lowest and highest CKA reachable with the outputs kept;
+2. **subset translation** (Theorem 1 / Corollary 4 of Davari et al., ICLR 2023): one class of samples moved
+   along a direction the next linear layer cannot see (the model's own head when ``layer_a`` feeds a linear
+   layer, checked end to end by running the model with the translation injected; else a linear probe fitted
+   on the representation); the change is rank one, so the CCA family barely moves while CKA collapses;
+3. **a single outlier**: one sample moved far along the same direction.
+
+Every measure is reported side by side: a claim that holds for one measure and not the others is a claim about
+the measure.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._utils.batches import model_device, to_device, train_flags_kept
+from .._utils.checks import Instance, Int, Where, check_one, check_params
+from ..adapters import for_model
+from ..errors import DegenerateInputError, RepsimError
+from ..measures import Measure, make
+from ..measures.kernels import NULL_BIAS_WARNING, expected_null_cka
+from ..results import state_dict_fingerprint
+from ._data import Chunk, as_chunks, capture_rows, merge_rows, sample_inputs, single_layer_rows
+from .changes import (
+    AuditSetting,
+    FineTuning,
+    Readout,
+    SingleOutlier,
+    SubsetTranslation,
+    rows_and_outputs,
+    stress_direction,
+)
+from .report import AuditReport, Change
+
+__all__ = ["AUDIT_PARAMS", "DEFAULT_MEASURES", "audit"]
+
+DEFAULT_MEASURES: tuple[str, ...] = ("cka", "debiased_cka", "procrustes", "mean_cca")
+
+#: What :func:`audit` sets for its fine-tuning runs itself (not accepted in ``shift_kwargs``).
+RESERVED_SHIFT_OPTIONS = frozenset(
+    {"target", "reference", "measure", "criterion", "eval_reference", "target_map", "map_layers"}
+)
+
+
+def _layer_name(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _pair(value: Any) -> bool:
+    return len(value) == 2
+
+
+#: The constraints of :func:`audit`'s own parameters (the fine-tuning options are :func:`shift`'s).
+AUDIT_PARAMS = {
+    "model_a": Instance(nn.Module, "a torch.nn.Module"),
+    "model_b": Instance(nn.Module, "a torch.nn.Module"),
+    "layer_a": Where(_layer_name, "a layer name", bad=("", 3, None)),
+    "layer_b": Where(_layer_name, "a layer name", bad=("", 3, None)),
+    "steps": Int(minimum=0),
+    "targets": Where(_pair, "a (low, high) pair", bad=((0.0,), (0.0, 0.5, 1.0), 3)),
+}
+
+
+def _resolve_measures(measures: Sequence[str | Measure] | str | Measure, claim: str) -> dict[str, Measure]:
+    """The measures to report by the name they are shown under; the claim measure first when not given."""
+    if isinstance(measures, str | Measure):
+        measures = [measures]
+    given = {(m if isinstance(m, str) else make(m).id): make(m) for m in measures}
+    aliases = list(given)
+    if claim not in aliases:
+        aliases.insert(0, claim)
+    return {alias: given[alias] if alias in given else make(alias) for alias in aliases}
+
+
+@torch.no_grad()
+def _main_output_rank(model: nn.Module, chunk: Chunk) -> int:
+    adapter = for_model(model)
+    with train_flags_kept(model):
+        raw = adapter.forward(to_device(sample_inputs(chunk), model_device(model)))
+        return adapter.main_output(raw).dim()
+
+
+def _setting(
+    models: tuple[nn.Module, str, nn.Module, str],
+    chunks: list[Chunk],
+    measures: dict[str, Measure],
+    *,
+    batch_size: int,
+    tokens: str,
+    spatial: str,
+) -> AuditSetting:
+    """A's rows and outputs and B's rows on the evaluation data; logits are preserved for classifiers."""
+    model_a, layer_a, model_b, layer_b = models
+    classify = _main_output_rank(model_a, chunks[0]) == 2
+    preserve = "kl" if classify else "embedding"
+    H, outputs, layer_shape = rows_and_outputs(model_a, layer_a, chunks, batch_size, tokens, spatial, preserve)
+    if classify and outputs.shape[1] < 2:
+        classify, preserve = False, "mse"
+    HB = single_layer_rows(merge_rows(capture_rows(model_b, [layer_b], chunks, batch_size, tokens, spatial)), layer_b)
+    return AuditSetting(
+        model_a, layer_a, chunks, batch_size, tokens, spatial, preserve, classify, H, HB, outputs, layer_shape, measures
+    )
+
+
+def _bias_note(s: AuditSetting) -> list[str]:
+    """Biased linear CKA (a measure declaring biased feature-space streaming) is inflated at small n."""
+    biased = [
+        alias
+        for alias, m in s.measures.items()
+        if "feature_streaming" in m.estimators and not m.estimators["feature_streaming"].options.get("debiased", False)
+    ]
+    (n, d), q = s.H.shape, s.HB.shape[1]
+    null = expected_null_cka(n, d, q)
+    if biased and null > NULL_BIAS_WARNING:
+        return [
+            f"With n = {n} samples and {d} / {q} features, biased CKA of independent representations is "
+            f"already about {null:.2f} (for {', '.join(biased)}); read it next to debiased CKA."
+        ]
+    return []
+
+
+def _classes(s: AuditSetting) -> tuple[torch.Tensor | None, str]:
+    if all(c.labels is not None for c in s.chunks):
+        return torch.cat([c.labels for c in s.chunks if c.labels is not None]), "class"
+    if s.classify:
+        return s.outputs.argmax(1), "predicted class"
+    return None, ""
+
+
+def _analytic_rows(s: AuditSetting, stress_target: float, seed: int, notes: list[str]) -> list[Change]:
+    """The subset translation and the single outlier along a direction A's readout cannot see."""
+    classes = _classes(s)
+    readout = Readout.find(s, classes[0], seed)
+    try:
+        v, how = stress_direction(readout, s.H)
+    except DegenerateInputError as error:
+        notes.append(f"Subset translation and outlier skipped: {error}")
+        return []
+    rows = [SubsetTranslation(v, how, readout, classes, stress_target).row(s)]
+    try:
+        rows.append(SingleOutlier(v, readout, stress_target).row(s))
+    except DegenerateInputError as error:
+        notes.append(f"Outlier skipped: {error}")
+    rank = int(torch.linalg.matrix_rank(s.H.double() - s.H.double().mean(0)))
+    notes += _cca_note(rows[0], s.measures, rank)
+    return rows
+
+
+def _cca_note(subset: Change, measures: dict[str, Measure], rank: int) -> list[str]:
+    """Say, with the numbers, that a rank-one change leaves CCA near 1 while CKA / Procrustes fall.
+
+    The measures that read only the column span are those declared invariant to invertible linear maps (mean
+    CCA): a rank-one change moves at most one direction of the span.
+    """
+    span_only = [a for a, m in measures.items() if "invertible_linear" in m.invariances]
+    others = [a for a, m in measures.items() if m.larger_is_more_similar and a not in span_only]
+    shown = [f"{a} {subset.self_values[a]:.3f}" for a in span_only + others if subset.self_values.get(a) is not None]
+    if not (span_only and shown):
+        return []
+    return [
+        f"The subset translation adds a rank-one matrix to A's representation (rank p = {rank}), so at least "
+        f"p - 1 of its canonical correlations with the original stay 1 (mean CCA >= (p-1)/p = "
+        f"{(rank - 1) / rank:.3f}), while CKA and Procrustes see a large change. A vs A': {', '.join(shown)}."
+    ]
+
+
+def _reachable(changes: list[Change], claim: str) -> tuple[tuple[float, str], tuple[float, str]]:
+    """The lowest and highest claim value among the changes that kept the outputs, with the change's name."""
+    kept = [
+        (float(value), item.name)
+        for item in changes
+        if item.kept is not False and (value := item.values.get(claim)) is not None
+    ]
+    return min(kept, key=lambda t: t[0]), max(kept, key=lambda t: t[0])
+
+
+def audit(
+    model_a: nn.Module,
+    layer_a: str,
+    model_b: nn.Module,
+    layer_b: str,
+    data: Any,
+    *,
+    measures: Sequence[str | Measure] = DEFAULT_MEASURES,
+    tolerance: float = 0.01,
+    claim_measure: str = "cka",
+    targets: tuple[float, float] = (0.0, 1.0),
+    steps: int = 300,
+    eval_data: Any = None,
+    labels: Any = None,
+    eval_labels: Any = None,
+    stress_target: float = 0.2,
+    seed: int = 0,
+    progress: bool = False,
+    tokens: str = "mean",
+    spatial: str = "flatten",
+    batch_size: int = 128,
+    names: tuple[str, str] | None = None,
+    **shift_kwargs: Any,
+) -> AuditReport:
+    """Audit the claim ``claim_measure(model_a.layer_a, model_b.layer_b)`` (see the module docstring).
+
+    Args:
+        data: inputs to fine-tune on (as for :func:`shift`); also the evaluation data when ``eval_data`` is None.
+        measures: aliases, ids or ``Measure`` objects to report side by side (the claim measure is added if
+            absent); a measure that fails on some representation is shown as n/a, with the reason in the notes.
+        tolerance: outputs count as kept while top-1 agreement with the original A stays >= 1 - tolerance
+            (classifiers) or the mean output cosine >= 1 - tolerance (encoders without logits).
+        targets: the low and high targets of the two fine-tuning runs; ``steps=0`` skips fine-tuning.
+        labels / eval_labels: class labels; the subset translation moves one class (else A's predicted class).
+        stress_target: the CKA the subset translation and the outlier are scaled to reach (when reachable).
+        names: labels of the two models in the report.
+        shift_kwargs: passed on to :func:`shift` (``lr``, ``temperature``, ``lambda_init``, ``batch_size`` ...).
+    """
+    started = time.perf_counter()
+    check_params(AUDIT_PARAMS, model_a=model_a, model_b=model_b, layer_a=layer_a, layer_b=layer_b)
+    resolved = _resolve_measures(measures, claim_measure)
+    check_one(AUDIT_PARAMS, "steps", steps)
+    clash = sorted(RESERVED_SHIFT_OPTIONS & set(shift_kwargs))
+    if clash:
+        raise RepsimError(
+            f"audit sets {', '.join(clash)} for its fine-tuning runs itself (outputs kept = top-1 agreement, or "
+            "output cosine, >= 1 - tolerance); leave them out."
+        )
+    check_one(AUDIT_PARAMS, "targets", targets)
+    fingerprints = {"a": state_dict_fingerprint(model_a), "b": state_dict_fingerprint(model_b)}
+
+    adapter_a = for_model(model_a)
+    chunks = as_chunks(data, adapter_a, labels, "data")
+    eval_chunks = as_chunks(eval_data, adapter_a, eval_labels, "eval_data") if eval_data is not None else chunks
+    models = (model_a, layer_a, model_b, layer_b)
+    s = _setting(models, eval_chunks, resolved, batch_size=max(batch_size, 256), tokens=tokens, spatial=spatial)
+    baseline = s.evaluate(s.H, s.HB)
+    claim = baseline[claim_measure]
+    if claim is None:
+        reason = next(message for what, message in s.failures.items() if what.startswith(claim_measure))
+        raise RepsimError(f"the claim measure {claim_measure} cannot be computed here: {reason}")
+    changes = [Change("original (the claim)", "original", "A and B as given.", baseline, dict.fromkeys(resolved))]
+    notes = _bias_note(s)
+
+    options = {"batch_size": batch_size, **shift_kwargs}
+    options.setdefault("preserve", s.preserve)
+    runs = [
+        FineTuning(
+            label, target, (claim_measure, resolved[claim_measure]), data, reference=(model_b, layer_b),
+            tolerance=tolerance, steps=steps, eval_data=eval_data, labels=labels, eval_labels=eval_labels, seed=seed,
+            progress=progress, criterion="agreement" if s.classify else "cosine", tokens=tokens, spatial=spatial,
+            **options,
+        )
+        for label, target in zip(("low", "high"), targets, strict=True)
+        if steps > 0
+    ]  # fmt: skip
+    changes += [run.row(s) for run in runs]
+    changes += _analytic_rows(s, stress_target, seed, notes)
+    notes += [f"{what}: {message}" for what, message in s.failures.items()]
+
+    (low, low_source), (high, high_source) = _reachable(changes, claim_measure)
+    label_a, label_b = names if names is not None else (type(model_a).__name__, type(model_b).__name__)
+    return AuditReport(
+        model_a=label_a, layer_a=layer_a, model_b=label_b, layer_b=layer_b, claim_measure=claim_measure,
+        claim=float(claim),
+        measures=list(resolved), measure_ids={alias: m.id for alias, m in resolved.items()},
+        larger_is_more_similar={alias: m.larger_is_more_similar for alias, m in resolved.items()}, changes=changes,
+        tolerance=float(tolerance), n=s.H.shape[0], held_out=eval_data is not None, features=s.H.shape[1],
+        lowest=low, highest=high, range_sources={"lowest": low_source, "highest": high_source}, notes=notes,
+        seconds=time.perf_counter() - started, fingerprints=fingerprints,
+        shifts={f"toward {run.target:g}": run.result for run in runs if run.result is not None},
+    )  # fmt: skip

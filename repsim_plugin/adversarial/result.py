@@ -1,0 +1,159 @@
+"""What :func:`~repsim_plugin.adversarial.shift` returns: the numbers before and after, the history, the model."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import RepsimError
+from .perturbation import perturbation_hook
+
+__all__ = ["ShiftResult", "map_error"]
+
+
+@dataclass(eq=False)
+class ShiftResult:
+    """What :func:`shift` did, measured on the evaluation data (held out when ``eval_data`` was given).
+
+    ``measure_before`` / ``measure_after``: the full-data measure (not the minibatch estimate) between the layer
+    and the reference, for the original and for the returned model. ``agreement``: top-1 agreement of the returned
+    model's outputs with the original's (classifiers); ``kl``: mean KL(original || returned) of the softmax outputs
+    at temperature 1; ``cosine`` / ``cosine_min``: mean / smallest cosine between the preserved outputs (logits or
+    pooled embeddings); ``accuracy_before`` / ``accuracy_after`` when the evaluation data have labels. Map targets
+    fill ``map_before`` / ``map_after`` (layer x layer over ``map_layers``) instead of the measure values.
+    ``history`` holds one dict per evaluation (step, lambda, the measure, the output checks, whether outputs were
+    kept, the training losses). ``model`` is the fine-tuned copy; in perturbation mode it is the frozen copy and
+    ``perturbation`` the learned edit, applied with ``with result.perturbed(): ...``.
+    """
+
+    measure: str
+    layer: str | None
+    target: float | None
+    mode: str
+    preserve: str
+    criterion: str
+    tolerance: float
+    model: nn.Module
+    measure_before: float | None = None
+    measure_after: float | None = None
+    agreement: float | None = None
+    kl: float | None = None
+    cosine: float | None = None
+    cosine_min: float | None = None
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    kept: bool = True
+    best_step: int = 0
+    steps: int = 0
+    lambda_final: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    map_layers: list[str] | None = None
+    target_map: torch.Tensor | None = None
+    map_before: torch.Tensor | None = None
+    map_after: torch.Tensor | None = None
+    perturbation: nn.Module | None = None
+    reference: str = ""
+    objective: str = ""
+    n_train: int = 0
+    n_eval: int = 0
+    held_out: bool = False
+    seconds: float = 0.0
+    seed: int = 0
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    #: Evaluation rows (CPU, float32): "before" / "after" of the layer and "reference"; not part of to_dict().
+    representations: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    #: The layout ("NCHW", "NHWC", ...) of the perturbed layer's output: where :meth:`perturbed` finds features.
+    layout: str | None = field(default=None, repr=False)
+
+    @property
+    def map_error_before(self) -> float | None:
+        """Mean |map - target| over the entries the target constrains (NaN entries are free), original model."""
+        return map_error(self.map_before, self.target_map)
+
+    @property
+    def map_error_after(self) -> float | None:
+        return map_error(self.map_after, self.target_map)
+
+    @contextlib.contextmanager
+    def perturbed(self) -> Iterator[nn.Module]:
+        """Apply the learned perturbation to ``self.model`` inside the block (the hook is removed on exit)."""
+        if self.perturbation is None or self.layer is None:
+            raise RepsimError("this result has no perturbation (mode='finetune'); use result.model directly.")
+        module = self.model.get_submodule(self.layer)
+        hook = perturbation_hook(self.perturbation, self.layout, self.layer)
+        handle = module.register_forward_hook(hook, prepend=True)
+        try:
+            yield self.model
+        finally:
+            handle.remove()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data: the configuration, the numbers, the history and the fingerprints (not the model)."""
+
+        def matrix(t: torch.Tensor | None) -> list[list[float | None]] | None:
+            if t is None:
+                return None
+            return [[None if math.isnan(v) else float(v) for v in row] for row in t.tolist()]
+
+        return {
+            "measure": self.measure,
+            "layer": self.layer,
+            "target": self.target,
+            "reference": self.reference,
+            "objective": self.objective,
+            "mode": self.mode,
+            "preserve": self.preserve,
+            "criterion": self.criterion,
+            "tolerance": self.tolerance,
+            "measure_before": self.measure_before,
+            "measure_after": self.measure_after,
+            "agreement": self.agreement,
+            "kl": self.kl,
+            "cosine": self.cosine,
+            "cosine_min": self.cosine_min,
+            "accuracy_before": self.accuracy_before,
+            "accuracy_after": self.accuracy_after,
+            "kept": self.kept,
+            "best_step": self.best_step,
+            "steps": self.steps,
+            "lambda_final": self.lambda_final,
+            "map_layers": self.map_layers,
+            "target_map": matrix(self.target_map),
+            "map_before": matrix(self.map_before),
+            "map_after": matrix(self.map_after),
+            "map_error_before": self.map_error_before,
+            "map_error_after": self.map_error_after,
+            "n_train": self.n_train,
+            "n_eval": self.n_eval,
+            "held_out": self.held_out,
+            "seconds": self.seconds,
+            "seed": self.seed,
+            "fingerprints": dict(self.fingerprints),
+            "history": [dict(entry) for entry in self.history],
+        }
+
+    def __repr__(self) -> str:
+        if self.map_layers is not None:
+            what = f"map error {self.map_error_before:.3f} -> {self.map_error_after:.3f}"
+        else:
+            what = f"{self.measure_before:.3f} -> {self.measure_after:.3f} (target {self.target})"
+        checks = ", ".join(
+            f"{name} {value:.3f}"
+            for name, value in (("agreement", self.agreement), ("cosine", self.cosine))
+            if value is not None
+        )
+        return f"ShiftResult({self.layer or self.map_layers}: {what}; {checks}; {self.mode}, {self.steps} steps)"
+
+
+def map_error(values: torch.Tensor | None, target: torch.Tensor | None) -> float | None:
+    """Mean |values - target| over the entries the target constrains (NaN entries of the target are free)."""
+    if values is None or target is None:
+        return None
+    free = torch.isnan(target)
+    return float((values - target).abs()[~free].mean())
