@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ._utils.checks import Bool, Constraint, Float, Int, Optional, Where, check_params
-from ._utils.io import atomic_write, write_text
+from ._utils.io import write_text
 from ._utils.plotting import axes_for, finish_plot
 from ._utils.plotting import save_figure as save_figure  # was defined here; kept importable
 from ._utils.suggest import did_you_mean
@@ -75,9 +75,6 @@ PLOT_PARAMS = {
     "title": Optional(Where(lambda v: isinstance(v, str), "a string", bad=(3,))),
     "dpi": Int(minimum=1),
 }
-
-# adversarial/audit.py still imports these three private names; they go once it uses _utils (helper r-adversarial).
-_atomic_write, _axes_for, _finish_plot = atomic_write, axes_for, finish_plot
 
 
 # --- provenance helpers -----------------------------------------------------------------------------------------------
@@ -385,7 +382,7 @@ class SimilarityMap:
             torch.equal(torch.signbit(self.values), torch.signbit(other.values))
         )
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # mutable and compared by value: not hashable
 
     def __repr__(self) -> str:
         return (

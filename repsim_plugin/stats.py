@@ -373,9 +373,9 @@ def null_baseline(
 
 __all__ = [
     "ALTERNATIVES",
-    "STATS_PARAMS",
     "INTERVALS",
     "RESAMPLING",
+    "STATS_PARAMS",
     "BootstrapResult",
     "NullBaseline",
     "PermutationResult",

@@ -216,7 +216,7 @@ def test_auto_estimator_choices_and_budget(cnns, batches):
         rp.compare(a, b, batches, LAYERS, LAYERS, estimator="feature_streaming", memory_budget="1MB", progress=False)
     with pytest.raises(MemoryBudgetError, match="kept activations"):
         rp.compare(a, b, batches, LAYERS, LAYERS, measure="procrustes", memory_budget="100kB", progress=False)
-    with pytest.raises(RepsimError, match="not available for .*it declares \\[.minibatch.\\]"):
+    with pytest.raises(RepsimError, match=r"not available for .*it declares \[.minibatch.\]"):
         rp.compare(a, b, batches, LAYERS, LAYERS, measure="rbf_cka", estimator="sample_space", progress=False)
     assert parse_bytes("2GiB") == 2 * 2**30 and parse_bytes(1000) == 1000
     with pytest.raises(RepsimError, match="memory_budget"):

@@ -38,12 +38,18 @@ def test_the_table_covers_every_outcome() -> None:
 def test_choices_and_memory_are_the_recorded_ones(measure: str) -> None:
     m = rp.measures.make(measure)
     mismatches = []
-    for name, dims_key, n, budget, requested, expected, memory in (row for row in CASES if row[0] == measure):
+    for _measure, dims_key, n, budget, requested, expected, memory in (row for row in CASES if row[0] == measure):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
                 plan = choose_estimator(
-                    m, DIMS[dims_key], n_estimate=n, batch_size=32, itemsize=4, requested=requested, memory_budget=budget
+                    m,
+                    DIMS[dims_key],
+                    n_estimate=n,
+                    batch_size=32,
+                    itemsize=4,
+                    requested=requested,
+                    memory_budget=budget,
                 )
                 got = [plan.estimator, plan.memory]
             except RepsimError as error:

@@ -175,9 +175,11 @@ def compare(
     )
     m = make(measure)
     capture_args = {"tokens": tokens, "spatial": spatial, "output": output, "device": device}
-    labels = names or (f"{type(model_a).__name__} (a)", f"{type(model_b or model_a).__name__} (b)")
+    labels = (
+        (names[0], names[1]) if names else (f"{type(model_a).__name__} (a)", f"{type(model_b or model_a).__name__} (b)")
+    )
     sides, pair = _sides_for(
-        model_a, model_b, layers_a, layers_b, capture_args, (labels[0], labels[1]), (adapter_a, adapter_b), data_b is not None
+        model_a, model_b, layers_a, layers_b, capture_args, labels, (adapter_a, adapter_b), data_b is not None
     )
     engine = run(
         sides,

@@ -81,7 +81,7 @@ def _candidates(
 ) -> list[_Candidate]:
     out = []
     for name, declaration in declared.items():
-        cls = declaration.resolve()
+        cls: Any = declaration.resolve()  # a map accumulator class (the streaming protocol)
         options = dict(declaration.options)
         memory = cls.memory_needed(maps, n=n, batch_size=batch_size, itemsize=itemsize, **options)
         out.append(_Candidate(name, declaration, memory, cls.relative_cost(maps, n=n, **options)))
@@ -124,8 +124,9 @@ def choose_estimator(
     approximate = measure.approximate_estimators()
     if not exact:
         captured = _captured(measure, dims, n_estimate, batch_size, itemsize)
-        unknown_ok = not approximate  # nothing else to fall back to: run on kept rows and check as they come
-        if (captured.memory is None and unknown_ok) or (captured.memory is not None and captured.memory <= memory_budget):
+        # with nothing to fall back to, an unknown n runs on kept rows, checked against the budget as they come
+        fits = captured.memory <= memory_budget if captured.memory is not None else not approximate
+        if fits:
             reason = "kept rows fit the budget" if approximate else "measure computed on the kept rows"
             return Plan(CAPTURED, reason, int(captured.memory or 0), captured.declaration)
         exact = [captured]
@@ -164,7 +165,7 @@ def _approximate(
     if not approximate:
         raise MemoryBudgetError(f"{reason}, and {measure.id} declares no approximate estimator. {_REDUCE_HINT}")
     name, declaration = next(iter(approximate.items()))
-    cls = declaration.resolve()
+    cls: Any = declaration.resolve()
     need = int(cls.memory_needed(dims, n=n, batch_size=batch_size, itemsize=itemsize, **dict(declaration.options)))
     if need > memory_budget:
         raise MemoryBudgetError(f"{reason}; even {name} needs {gib(need)}. Use smaller batches.")

@@ -16,7 +16,7 @@ import torch
 
 from .._utils.warnings import warn
 from ..errors import DegenerateInputError, RepsimError, SmallSampleBiasWarning, TooFewSamplesError, UnknownNameError
-from .registry import Spec
+from .ids import Spec
 
 # --- centering ----------------------------------------------------------------------------------------------
 
