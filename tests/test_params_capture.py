@@ -73,7 +73,7 @@ def test_unknown_policies_list_the_known_ones_and_suggest() -> None:
 
 
 def test_expected_calls_values_are_checked_per_module() -> None:
-    with pytest.raises(RepsimError, match=r"^expected_calls\['0'\] must be an integer >= 1, got 0\."):
+    with pytest.raises(RepsimError, match=r"^expected_calls\['0'\] must be a positive integer \(>= 1\), got 0\."):
         capture(_model(), "0", expected_calls={"0": 0})
     with pytest.raises(UnknownNameError, match="Did you mean '0'"):
         capture(_model(), ["0", "1"], expected_calls={"00": 1})

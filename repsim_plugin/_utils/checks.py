@@ -198,9 +198,6 @@ class Instance(Constraint):
     def accepts(self, value: Any) -> bool:
         return isinstance(value, self.types) and not (isinstance(value, bool) and bool not in _as_tuple(self.types))
 
-    def error(self, name: str, value: Any) -> RepsimError:
-        return RepsimError(f"{name} must be {self.describe()}, got {type(value).__name__} {value!r}.")
-
     def bad_values(self) -> list[Any]:
         return [object()]
 
