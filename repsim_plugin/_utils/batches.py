@@ -79,17 +79,21 @@ def concat(parts: list[Any]) -> Any:
 class TrainFlags:
     """The train / eval flag of every module of a model, saved once and restored on request.
 
-    ``restore()`` sets every flag back even if the model was switched in between, and runs to the end even when
-    interrupted (a ``KeyboardInterrupt`` between two assignments cannot leave half of the modules switched): flags
-    are plain attribute writes, done in one loop with no calls out.
+    ``restore()`` sets every flag back even if the model was switched in between; a ``KeyboardInterrupt`` landing
+    half way through the loop is held until the loop has run again to the end.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self._flags = [(module, module.training) for module in model.modules()]
 
     def restore(self) -> None:
-        for module, flag in self._flags:
-            module.training = flag
+        try:
+            for module, flag in self._flags:
+                module.training = flag
+        except BaseException:  # interrupted half way (Ctrl-C): finish the job, then let the interrupt through
+            for module, flag in self._flags:
+                module.training = flag
+            raise
 
 
 @contextlib.contextmanager

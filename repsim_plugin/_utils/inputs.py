@@ -21,13 +21,20 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def as_tensor(X: Any, name: str = "X") -> torch.Tensor:
     """Return ``X`` as a torch tensor without copying when possible; reject what is not array data."""
     if isinstance(X, torch.Tensor):
+        if X.is_meta:
+            raise InputShapeError(
+                f"{name} is on the meta device: it has a shape but no values. Run the model on a real device "
+                "(load its weights first) and pass the activations it produced."
+            )
         return X
     if isinstance(X, np.ndarray):
-        if X.dtype.kind not in "f":
+        if X.dtype.kind not in "f" or X.dtype.itemsize > 8:
             raise InputDtypeError(
-                f"{name} is a numpy array of dtype {X.dtype}; similarity measures need floating-point "
+                f"{name} is a numpy array of dtype {X.dtype}; similarity measures need float16 / float32 / float64 "
                 f"activations. Convert it first, e.g. {name}.astype(np.float64)."
             )
+        if not X.dtype.isnative:  # big-endian data from a file: torch reads native byte order only
+            X = X.astype(X.dtype.newbyteorder("="))
         return torch.from_numpy(np.ascontiguousarray(X))
     raise InputDtypeError(
         f"{name} is a {type(X).__name__}; pass a torch.Tensor or a numpy array of shape (n_samples, n_features)."

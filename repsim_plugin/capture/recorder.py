@@ -14,7 +14,9 @@ module's train / eval flag and the grad mode are restored; forwards run in eval 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -36,6 +38,7 @@ from repsim_plugin._utils.checks import (
 from repsim_plugin.adapters import LAYOUTS, Adapter, for_model
 from repsim_plugin.errors import InputShapeError, LayerFiringError, RepsimError, StateError
 
+from . import _owners
 from .layers import LayerCalls, LayerSpec, resolve_layers
 from .policies import (
     SPATIAL_POLICIES,
@@ -147,6 +150,8 @@ class Recorder:
 
     def _init_state(self) -> None:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        #: set while started; hooks left behind by an interrupted stop() do nothing once it is cleared
+        self._thread: int | None = None
         self._saved_training: TrainFlags | None = None
         self._saved_grad: bool | None = None
         self._signature: inspect.Signature | bool | None = False  # False: not looked up yet
@@ -184,7 +189,13 @@ class Recorder:
                 pass
         return {**{f"__arg{i}": value for i, value in enumerate(args)}, **kwargs}
 
+    def _mine(self) -> bool:
+        """Hooks act only while this recorder is active and only for the thread that started it."""
+        return self._thread == threading.get_ident()
+
     def _pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not self._mine():
+            return
         self._depth += 1
         if self._depth > 1:
             return
@@ -201,11 +212,13 @@ class Recorder:
         return self.adapter.attention_mask_for(module_name, self._inputs)
 
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self._depth == 1:
+        if self._mine() and self._depth == 1:
             self._finish_forward()
 
     def _cleanup_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         # always called, also when forward (or one of the hooks) raised: then the partial batch is dropped
+        if not self._mine():
+            return
         self._depth = max(self._depth - 1, 0)
         if self._depth == 0:
             self._pending = None
@@ -215,6 +228,8 @@ class Recorder:
         wanted = self._calls.requests[module_name]
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not self._mine():
+                return
             if self._pending is None:
                 if _in_backward():
                     return  # activation checkpointing recomputes blocks during backward: not a new forward
@@ -304,8 +319,10 @@ class Recorder:
         """Register hooks, switch to eval mode and set the grad mode (what ``with`` does on entry)."""
         if self.active:
             raise StateError("this capture is already active; a Recorder can be entered once at a time")
+        _owners.claim(self.model)
         self._saved_training = TrainFlags(self.model)
         self._saved_grad = torch.is_grad_enabled()
+        self._thread = threading.get_ident()
         try:
             top = self.model
             self._handles.append(top.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
@@ -323,18 +340,36 @@ class Recorder:
         return self
 
     def stop(self) -> None:
-        """Remove this recorder's hooks and restore every module's train / eval flag and the grad mode."""
+        """Remove this recorder's hooks and restore every module's train / eval flag and the grad mode.
+
+        Every step runs even when one is interrupted (a Ctrl-C in a notebook, an exception from a handle): the
+        first error is raised again at the end, after the hooks are gone and the flags and grad mode restored.
+        """
+        was_started = self._thread is not None
+        self._thread = None  # from here on, any hook still registered does nothing
         handles, self._handles = self._handles, []
+        error: BaseException | None = None
         for handle in reversed(handles):
-            handle.remove()
-        saved, self._saved_training = self._saved_training, None
-        if saved is not None:
-            saved.restore()
-        if self._saved_grad is not None:
-            torch.set_grad_enabled(self._saved_grad)
-            self._saved_grad = None
-        self._depth = 0
-        self._pending = None
+            try:
+                handle.remove()
+            except BaseException as exc:
+                error = error or exc
+                with contextlib.suppress(Exception):
+                    handle.remove()  # idempotent: the interrupted removal is finished
+        try:
+            saved, self._saved_training = self._saved_training, None
+            if saved is not None:
+                saved.restore()
+            if self._saved_grad is not None:
+                torch.set_grad_enabled(self._saved_grad)
+                self._saved_grad = None
+            self._depth = 0
+            self._pending = None
+        finally:
+            if was_started:
+                _owners.release(self.model)
+        if error is not None:
+            raise error
 
     def __enter__(self) -> Recorder:
         return self.start()

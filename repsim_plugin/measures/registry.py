@@ -21,7 +21,7 @@ import torch
 
 from .._utils.inputs import prepare_pair
 from .._utils.suggest import did_you_mean
-from ..errors import PluginLoadWarning, RepsimError, UnknownNameError
+from ..errors import DegenerateInputError, PluginLoadWarning, RepsimError, UnknownNameError
 from .ids import Spec
 
 INVARIANCES = frozenset({"orthogonal", "isotropic_scaling", "translation", "invertible_linear", "permutation"})
@@ -101,6 +101,7 @@ class Measure:
     working_memory: Callable[[int, int, int], int] | None = None
 
     def __post_init__(self) -> None:
+        self.dtype = _compute_dtype(self.dtype)
         self.estimators = dict(self.estimators)
         for name, estimator in self.estimators.items():
             if not isinstance(name, str) or not isinstance(estimator, Estimator):
@@ -128,7 +129,15 @@ class Measure:
 
     def __call__(self, X: Any, Y: Any) -> torch.Tensor:
         Xt, Yt = prepare_pair(X, Y, min_samples=self.min_samples, dtype=self.dtype)
-        return self.fn(Xt, Yt)
+        value = self.fn(Xt, Yt)
+        if not bool(torch.isfinite(value.detach()).all()):
+            raise DegenerateInputError(
+                f"{self.id} gave {float(value.detach().reshape(-1)[0])} for finite inputs of shapes "
+                f"{tuple(Xt.shape)} and {tuple(Yt.shape)}: an intermediate overflowed or the measure is undefined "
+                "here. Rescale the activations (e.g. divide each by its largest absolute value), or check the "
+                "measure's own definition for such inputs."
+            )
+        return value
 
     def exact_estimators(self) -> dict[str, Estimator]:
         """The declared estimators that compute this measure exactly, in declaration order."""
@@ -146,7 +155,7 @@ class Measure:
 
     def with_dtype(self, dtype: torch.dtype | None) -> Measure:
         """The same measure computed in another dtype (``None``: the inputs' own, at least float32)."""
-        return _copy(self, dtype=dtype)
+        return _copy(self, dtype=_compute_dtype(dtype))
 
     def metadata(self) -> dict[str, Any]:
         """Plain-data description (for the CLI, README tables and results)."""
@@ -169,6 +178,17 @@ class Measure:
 
     def __repr__(self) -> str:
         return f"Measure({self.id!r})"
+
+
+def _compute_dtype(dtype: Any) -> torch.dtype | None:
+    """float64 (the default), float32 or None (the inputs' own, at least float32): sums never run in half."""
+    if dtype is None or dtype in (torch.float32, torch.float64):
+        return dtype
+    raise RepsimError(
+        f"a measure's compute dtype must be torch.float64, torch.float32 or None (the inputs' own, upcast to at "
+        f"least float32), got {dtype!r}. Half precision overflows in the Gram and covariance sums; cast "
+        "activations, not the compute dtype."
+    )
 
 
 def _copy(measure: Measure, **changes: Any) -> Measure:
@@ -330,6 +350,11 @@ def make(id_or_alias: str | Measure, **params: Any) -> Measure:
     ``dtype=`` sets the compute dtype (float64 by default) without changing the id.
     """
     dtype = params.pop("dtype", "default")
+    if not isinstance(id_or_alias, str | Measure):
+        raise UnknownNameError(
+            f"a measure is an id or alias string (e.g. 'cka') or a Measure, got {type(id_or_alias).__name__} "
+            f"{id_or_alias!r}. `repsim measures` or rp.measures.list() shows every registered id."
+        )
     if isinstance(id_or_alias, Measure):
         measure = id_or_alias if not params else make(id_or_alias.id, **params)
     else:
