@@ -69,7 +69,13 @@ def load_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
     except ImportError as exc:  # pragma: no cover - safetensors ships with the 'all' extra
         raise RepsimError("reading .safetensors needs the safetensors package: pip install safetensors") from exc
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # SafetensorError (truncated, corrupt header) is not an OSError / ValueError
+        raise RepsimError(
+            f"cannot read {str(path)!r} as safetensors ({type(exc).__name__}: {exc}); the file is truncated or not "
+            "a safetensors file. Write it again with safetensors.torch.save_file."
+        ) from exc
 
 
 def load_numpy(path: str | os.PathLike[str]) -> np.ndarray:
@@ -89,7 +95,7 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise RepsimError(f"checkpoint {str(path)!r} does not exist or is not a file.")
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         return load_safetensors(path)
     state = load_torch(path, "checkpoint")
     if isinstance(state, Mapping):
