@@ -30,8 +30,8 @@ def as_tensor(X: Any, name: str = "X") -> torch.Tensor:
     if isinstance(X, np.ndarray):
         if X.dtype.kind not in "f" or X.dtype.itemsize > 8:
             raise InputDtypeError(
-                f"{name} is a numpy array of dtype {X.dtype}; similarity measures need float16 / float32 / float64 "
-                f"activations. Convert it first, e.g. {name}.astype(np.float64)."
+                f"{name} is a numpy array of dtype {X.dtype}; similarity measures need floating-point "
+                f"activations (float16 / float32 / float64). Convert it first, e.g. {name}.astype(np.float64)."
             )
         if not X.dtype.isnative:  # big-endian data from a file: torch reads native byte order only
             X = X.astype(X.dtype.newbyteorder("="))
