@@ -46,6 +46,11 @@ class MemoryBudgetError(RepsimError):
     """The chosen estimator or measure needs more memory than the budget allows."""
 
 
+class ResumeStateError(RepsimError):
+    """A resume state file (``compare(resume_from=...)``) that cannot continue this run: saved from other data,
+    models, layers or settings, or damaged; the message names the file and what differs."""
+
+
 class StateError(RepsimError, RuntimeError):
     """An object was used in a state that does not allow the call (not a bad value): ``update`` after
     ``all_reduce``, ``all_reduce`` without a process group, entering an active capture twice, ...

@@ -87,9 +87,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Load the models and data, run :func:`~repsim_plugin.adversarial.audit`, write and print the report."""
-    model_a = load_model(args.model_a, args.checkpoint_a)
+    model_a = load_model(args.model_a, args.checkpoint_a, seed=args.seed)
     spec_b = args.model_b or args.model_a
-    model_b = load_model(spec_b, args.checkpoint_b)
+    model_b = load_model(spec_b, args.checkpoint_b, seed=None if args.seed is None else args.seed + 1)
     read = {"batch_size": args.batch_size, "image_size": args.image_size}
     data = inputs_only(load_data(args.data, model_a, **read))
     eval_data = inputs_only(load_data(args.eval_data, model_a, **read)) if args.eval_data else None

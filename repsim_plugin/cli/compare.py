@@ -43,6 +43,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     cmp.add_argument("--memory-budget", default="4GiB")
     cmp.add_argument("--seed", type=int)
     cmp.add_argument("--out", default="repsim-map", help="output path without suffix: writes .json and .png")
+    cmp.add_argument(
+        "--resume-from",
+        metavar="PATH",
+        help="state file: saved every --save-every batches; re-running the same command resumes from it",
+    )
+    cmp.add_argument("--save-every", type=int, metavar="K", help="with --resume-from: save every K batches (10)")
     cmp.add_argument("--no-progress", action="store_true")
     cmp.set_defaults(func=cmd_compare)
     return cmp
@@ -66,16 +72,18 @@ def _common(args: argparse.Namespace) -> dict[str, Any]:
         "max_batches": args.max_batches,
         "memory_budget": args.memory_budget,
         "seed": args.seed,
+        "resume_from": args.resume_from,
+        "save_every": args.save_every,
     }
 
 
 def _compare_checkpoints(args: argparse.Namespace) -> int:
     if not args.model:
         raise RepsimError("--checkpoints needs --model: the architecture the checkpoints belong to.")
-    first = load_model(args.model)
+    first = load_model(args.model, seed=args.seed)
     data = load_data(args.data, first, batch_size=args.batch_size, image_size=args.image_size)
     maps = compare_checkpoints(
-        lambda: load_model(args.model).model,
+        lambda: load_model(args.model, seed=args.seed).model,
         args.checkpoints,
         data,
         reference=args.reference,
@@ -90,9 +98,13 @@ def _compare_checkpoints(args: argparse.Namespace) -> int:
 def _compare_models(args: argparse.Namespace) -> int:
     if not args.model_a:
         raise RepsimError("give --model-a (and --model-b, or --checkpoints with --model).")
-    model_a = load_model(args.model_a, args.checkpoint_a)
+    model_a = load_model(args.model_a, args.checkpoint_a, seed=args.seed)
     spec_b = args.model_b or args.model_a
-    model_b = model_a if (args.model_b is None and args.checkpoint_b is None) else load_model(spec_b, args.checkpoint_b)
+    model_b = (
+        model_a
+        if (args.model_b is None and args.checkpoint_b is None)
+        else load_model(spec_b, args.checkpoint_b, seed=None if args.seed is None else args.seed + 1)
+    )
     data = load_data(args.data, model_a, batch_size=args.batch_size, image_size=args.image_size)
     data_b = None
     if model_b.kind == "hf" and model_b.source != model_a.source and Path(args.data).suffix == ".txt":

@@ -121,14 +121,20 @@ def _module_model(spec: str, target: str, kwargs: dict[str, Any]) -> LoadedModel
 _BUILDERS = {"timm": _timm_model, "hf": _hf_model, "module": _module_model}
 
 
-def load_model(spec: str, checkpoint: str | None = None) -> LoadedModel:
-    """Build a model from ``timm:NAME`` / ``hf:PATH`` / ``module:pkg.mod:factory`` and load ``checkpoint`` into it."""
+def load_model(spec: str, checkpoint: str | None = None, *, seed: int | None = None) -> LoadedModel:
+    """Build a model from ``timm:NAME`` / ``hf:PATH`` / ``module:pkg.mod:factory`` and load ``checkpoint`` into it.
+
+    ``seed`` seeds torch's generator right before the model is built, so randomly initialised weights (a timm
+    model without a checkpoint) are the same in every run that gives the same ``--seed``.
+    """
     kind, sep, rest = spec.partition(":")
     if not sep or kind not in MODEL_KINDS:
         raise RepsimError(
             f"cannot read model {spec!r}: use timm:NAME, hf:PATH or module:pkg.mod:factory (e.g. timm:resnet18)."
         )
     target, kwargs = _split_kwargs(rest)
+    if seed is not None:
+        torch.manual_seed(seed)
     loaded = _BUILDERS[kind](spec, target, kwargs)
     if checkpoint is not None:
         try:

@@ -26,6 +26,7 @@ from ..measures import Measure, make
 from ..results import SimilarityMap
 from .engine import Engine, Pair, Side, make_side, run
 from .plan import DEFAULT_MEMORY_BUDGET, parse_bytes
+from .resume import open_resume
 
 __all__ = ["COMPARE_PARAMS", "compare", "compare_checkpoints", "load_checkpoint"]
 
@@ -151,6 +152,8 @@ def compare(
     seed: int | None = None,
     names: tuple[str, str] | None = None,
     fingerprint_data: bool = True,
+    resume_from: str | Path | None = None,
+    save_every: int | None = None,
 ) -> SimilarityMap:
     """Layer x layer similarity of two models (``model_b=None`` or the same object: a model with itself).
 
@@ -163,6 +166,12 @@ def compare(
     which are checked to agree batch by batch. ``fingerprint_data`` records a sha256 of every input batch in
     ``result.extra["data_fingerprint"]`` (provenance; turn it off when hashing the inputs costs more than the
     forward passes, e.g. large images on a fast GPU).
+
+    ``resume_from`` (a file path) saves the accumulated state there every ``save_every`` batches (default 10)
+    and at the end; re-running the same call resumes from it, skipping the forward passes of the batches it
+    counted (verified by fingerprint) and giving the map an uninterrupted run gives. ``result.extra
+    ["resumed_batches"]`` says how many batches came from the file. A file from other data, models, layers or
+    settings is refused (:class:`~repsim_plugin.errors.ResumeStateError`). See :mod:`.resume`.
     """
     check_params(
         COMPARE_PARAMS,
@@ -181,18 +190,29 @@ def compare(
     sides, pair = _sides_for(
         model_a, model_b, layers_a, layers_b, capture_args, labels, (adapter_a, adapter_b), data_b is not None
     )
+    budget = parse_bytes(memory_budget)
+    streams = [data] if data_b is None else [data, data_b]
+    resume = open_resume(
+        resume_from, save_every, sides, [pair], m, estimator=estimator, memory_budget=budget,
+        n_streams=len(streams), max_batches=max_batches, extra={"call": "compare"},
+    )  # fmt: skip
     engine = run(
         sides,
         [pair],
-        [data] if data_b is None else [data, data_b],
+        streams,
         m,
         estimator=estimator,
-        memory_budget=parse_bytes(memory_budget),
+        memory_budget=budget,
         progress=progress,
         max_batches=max_batches,
         fingerprint_data=fingerprint_data,
+        resume=resume,
     )
-    return _result(engine, pair, seed=seed, extra={})
+    return _result(engine, pair, seed=seed, extra=_resumed(resume))
+
+
+def _resumed(resume: Any) -> dict[str, Any]:
+    return {} if resume is None else {"resumed_batches": resume.resumed_batches}
 
 
 def _build_from_checkpoint(build_model: Callable[[], nn.Module], path: str | Path) -> nn.Module:
@@ -249,13 +269,17 @@ def compare_checkpoints(
     memory_budget: int | str = DEFAULT_MEMORY_BUDGET,
     seed: int | None = None,
     fingerprint_data: bool = True,
+    resume_from: str | Path | None = None,
+    save_every: int | None = None,
 ) -> dict[tuple[str, str], SimilarityMap]:
     """Compare checkpoints of one architecture: every pair, or each against ``reference`` (index or path).
 
     ``build_model()`` returns a fresh model; each checkpoint is loaded into one (safetensors, or
     ``torch.load(weights_only=True)``). All models run side by side in one pass over the data (one forward per
     model per batch), so N checkpoints cost N forwards per batch, not N^2. Returns ``{(name_a, name_b): map}``
-    keyed by the checkpoints' file names (or full paths where file names repeat).
+    keyed by the checkpoints' file names (or full paths where file names repeat). ``resume_from`` /
+    ``save_every`` as in :func:`compare`: one state file holds every pair's state, with each checkpoint's weights
+    fingerprint (a changed checkpoint is named when the file is refused).
     """
     check_params(
         COMPARE_PARAMS,
@@ -276,20 +300,29 @@ def compare_checkpoints(
         make_side(name, _build_from_checkpoint(build_model, path), layers, capture_args)
         for name, path in zip(names, paths, strict=True)
     ]
+    budget = parse_bytes(memory_budget)
+    resume = open_resume(
+        resume_from, save_every, sides, pairs, m, estimator=estimator, memory_budget=budget, n_streams=1,
+        max_batches=max_batches, extra={"call": "compare_checkpoints"},
+    )  # fmt: skip
     engine = run(
         sides,
         pairs,
         [data],
         m,
         estimator=estimator,
-        memory_budget=parse_bytes(memory_budget),
+        memory_budget=budget,
         progress=progress,
         max_batches=max_batches,
         fingerprint_data=fingerprint_data,
+        resume=resume,
     )
     return {
         (names[p.i], names[p.j]): _result(
-            engine, p, seed=seed, extra={"checkpoint_a": str(paths[p.i]), "checkpoint_b": str(paths[p.j])}
+            engine,
+            p,
+            seed=seed,
+            extra={"checkpoint_a": str(paths[p.i]), "checkpoint_b": str(paths[p.j]), **_resumed(resume)},
         )
         for p in pairs
     }

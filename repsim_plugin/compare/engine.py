@@ -238,10 +238,12 @@ def run(
     progress: bool,
     max_batches: int | None,
     fingerprint_data: bool = True,
+    resume: Any = None,
 ) -> Engine:
     """Feed every batch through every side once, check the sides saw the same samples, update every pair.
 
     ``streams[k]`` feeds the sides whose ``stream`` is k; with several streams they are read in lockstep.
+    ``resume`` (a :class:`.resume.Resume`) skips the batches its state file counted and saves the state.
     """
     engine = Engine(sides, pairs, measure, estimator=estimator, memory_budget=memory_budget)
     engine.data_hashes = [hashlib.sha256() if fingerprint_data else None for _ in streams]
@@ -250,10 +252,16 @@ def run(
     for index, group in enumerate(_progress(batches, progress, _total(streams, max_batches), "compare")):
         if max_batches is not None and index >= max_batches:
             break
+        if resume is not None and resume.skip(engine, group, index):  # counted in the state file: verified
+            continue
         counts = _forward_all(engine, group, index)
         if index == 0:
             engine.start(_estimate_n(streams[0], max_batches, counts[sides[0].label]))
         engine.update()
+        if resume is not None:
+            resume.counted(engine, group, index)
+    if resume is not None:
+        resume.finish(engine)
     if engine.plan is None:
         raise RepsimError("the data yielded no batches; pass an iterable of batches (a DataLoader, a list, ...).")
     if len(streams) > 1:

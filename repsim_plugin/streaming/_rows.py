@@ -179,6 +179,26 @@ def keep_rows(
     return out
 
 
+def check_kept_shapes(acc: Any) -> None:
+    """A loaded state of kept rows: per side the layout's layers, each (n, d) with the layout's d and the same n."""
+    if acc._layout is None:
+        if acc._rows_a is not None or acc._rows_b is not None or acc.n:
+            raise ValueError("rows or a count without a layout")
+        return
+    la, lb = acc._layout
+    for lay, store, key in ((la, acc._rows_a, "rows_a"), (lb, acc._rows_b, "rows_b")):
+        if lay is None:
+            if store is not None:
+                raise ValueError(f"{key!r} given for a map of one model with itself")
+            continue
+        if store is None or list(store) != list(lay.names):
+            raise ValueError(f"{key!r} must hold the layers {list(lay.names)}")
+        for (name, batches), d in zip(store.items(), lay.dims, strict=True):
+            t = torch.cat(batches)
+            if t.dim() != 2 or tuple(t.shape) != (acc.n, d):
+                raise ValueError(f"{key!r}[{name!r}] must have shape {(acc.n, d)}, got {tuple(t.shape)}")
+
+
 def stacked(store: Rows) -> dict[str, torch.Tensor]:
     """Each layer's kept batches as one (n, d) tensor."""
     return {k: torch.cat(v) for k, v in store.items()}

@@ -169,6 +169,11 @@ class Accumulator:
     def merge(self, other: Any) -> None:
         """Add the statistics of ``other`` (same class, options and layers; e.g. another shard)."""
         self._check_not_reduced("merge")
+        if other is self:
+            raise RepsimError(
+                f"cannot merge a {type(self).__name__} with itself: every sample would be counted twice. Merge "
+                "another shard's accumulator (for a copy, build a new accumulator and load this one's state_dict)."
+            )
         if type(other) is not type(self) or other._options() != self._options():
             theirs = f" with {other._describe(other._options())}" if isinstance(other, Accumulator) else ""
             raise RepsimError(
@@ -274,9 +279,10 @@ class Accumulator:
             if fresh._load_layout(state):
                 for d in self._declared:
                     setattr(fresh, d.name, d.reduce.load(d.key, state, fresh))
+            fresh._check_loaded()
         except RepsimError:
             raise
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as err:
             raise RepsimError(
                 f"malformed {self._kind} state dict ({err!r}); pass the output of state_dict()."
             ) from None
@@ -288,6 +294,43 @@ class Accumulator:
     def _load_layout(self, state: Mapping[str, Any]) -> bool:
         """Restore what the first update fixed; False when the saved accumulator had no data (nothing to load)."""
         return True
+
+    def _check_loaded(self) -> None:
+        """Raise ``ValueError`` when a loaded (possibly hand-edited) state cannot be one ``update`` produced.
+
+        Counts must be non-negative ints and every tensor finite; subclasses add :meth:`_check_shapes` (the shapes
+        the layout implies), so a corrupt state is refused at load instead of giving NaN or a broadcast map.
+        """
+        for d in self._declared:
+            value = getattr(self, d.name)
+            if d.reduce is COUNT:
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"{d.key!r} must be a non-negative int, got {value!r}")
+                continue
+            for t in _state_tensors(value):
+                if not isinstance(t, torch.Tensor):
+                    raise ValueError(f"{d.key!r} must hold tensors, got {type(t).__name__}")
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{d.key!r} holds NaN or Inf")
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        """Subclasses: raise ``ValueError`` when the loaded tensors do not have the shapes the layout implies."""
+
+
+def _state_tensors(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in _state_tensors(v)]
+    if isinstance(value, list | tuple):
+        return [t for v in value for t in _state_tensors(v)]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return []
+    moments = getattr(value, "t", None)  # the exact linear-CKA moments hold their tensors in .t
+    return list(moments.values()) if isinstance(moments, Mapping) else [value]
 
 
 def check_header(state: Any, kind: str) -> None:

@@ -15,7 +15,7 @@ from .._utils import dist
 from .._utils.checks import Bool, Callable_, check_params
 from ..errors import RepsimError, TooFewSamplesError
 from ._reductions import COUNT, ROWS
-from ._rows import Acts, Rows, check_same_rows, keep_rows, order_like, stacked
+from ._rows import Acts, Rows, check_kept_shapes, check_same_rows, keep_rows, order_like, stacked
 from .base import SAME, MapAccumulator, Maps
 
 __all__ = ["KEPT_ROWS_PARAMS", "KeptRowsMap"]
@@ -87,9 +87,11 @@ class KeptRowsMap(MapAccumulator):
         A, B, groups = self._validate_update(acts_a, acts_b, finite=False)
         rows = check_same_rows(groups)
         la, lb = self._layouts(A, B)
-        self._rows_a = keep_rows(self._rows_a, order_like(A, la, "acts_a"), la, copy=self.copy, device=self._device)
-        if B is not None and lb is not None:
-            self._rows_b = keep_rows(self._rows_b, order_like(B, lb, "acts_b"), lb, copy=self.copy, device=self._device)
+        ordered_a = order_like(A, la, "acts_a")  # both sides checked before either keeps a row
+        ordered_b = order_like(B, lb, "acts_b") if B is not None and lb is not None else None
+        self._rows_a = keep_rows(self._rows_a, ordered_a, la, copy=self.copy, device=self._device)
+        if ordered_b is not None and lb is not None:
+            self._rows_b = keep_rows(self._rows_b, ordered_b, lb, copy=self.copy, device=self._device)
         self._layout = (la, lb)
         self.n += rows
 
@@ -99,6 +101,9 @@ class KeptRowsMap(MapAccumulator):
         if dist.active(self.process_group if group is None else group):
             raise RepsimError(NOT_GATHERED)
         super().all_reduce(group)
+
+    def _check_shapes(self) -> None:
+        check_kept_shapes(self)
 
     # --- the result ---
     def _compute_local(self) -> torch.Tensor:

@@ -173,6 +173,22 @@ class MinibatchCKAMap(_Kernel, MapAccumulator):
         self.batches += 1
         self.n += b
 
+    def _check_shapes(self) -> None:
+        if self._layout is None:
+            if self._hsic or self.batches or self.n:
+                raise ValueError("sums or counts without a layout")
+            return
+        la, lb = self._layout
+        na, nb = la.n_layers, (la if lb is None else lb).n_layers
+        shapes = {"cross": (na, nb)} if lb is None else {"cross": (na, nb), "self_a": (na,), "self_b": (nb,)}
+        if set(self._hsic) != set(shapes):
+            raise ValueError(f"'tensors' must hold {sorted(shapes)}, got {sorted(self._hsic)}")
+        for key, shape in shapes.items():
+            if tuple(self._hsic[key].shape) != shape:
+                raise ValueError(f"'tensors'[{key!r}] must have shape {shape}, got {tuple(self._hsic[key].shape)}")
+        if self.batches < 1 or self.n < self.min_batch_rows * self.batches:
+            raise ValueError(f"{self.batches} batches of {self.n} rows cannot have been added")
+
     def _compute_local(self) -> torch.Tensor:
         if self.batches == 0 or self._layout is None:
             raise TooFewSamplesError("MinibatchCKAMap.compute: no batch has been added yet; call update first.")

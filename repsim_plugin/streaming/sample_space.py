@@ -21,6 +21,7 @@ from ._rows import (
     Label,
     Rows,
     _Layout,
+    check_kept_shapes,
     check_same_rows,
     keep_rows,
     order_like,
@@ -88,9 +89,11 @@ class SampleSpaceCKAMap(MapAccumulator):
         A, B, groups = self._validate_update(acts_a, acts_b)
         rows = check_same_rows(groups)
         la, lb = self._layouts(A, B)
-        self._rows_a = keep_rows(self._rows_a, order_like(A, la, "acts_a"), la, copy=True, device=self._device)
-        if B is not None and lb is not None:
-            self._rows_b = keep_rows(self._rows_b, order_like(B, lb, "acts_b"), lb, copy=True, device=self._device)
+        ordered_a = order_like(A, la, "acts_a")  # both sides checked before either keeps a row
+        ordered_b = order_like(B, lb, "acts_b") if B is not None and lb is not None else None
+        self._rows_a = keep_rows(self._rows_a, ordered_a, la, copy=True, device=self._device)
+        if ordered_b is not None and lb is not None:
+            self._rows_b = keep_rows(self._rows_b, ordered_b, lb, copy=True, device=self._device)
         self._layout = (la, lb)
         self.n += rows
 
@@ -105,6 +108,9 @@ class SampleSpaceCKAMap(MapAccumulator):
                 }
             }
         return super()._load_layout(state)
+
+    def _check_shapes(self) -> None:
+        check_kept_shapes(self)
 
     # --- the result ---
     def _compute_local(self) -> torch.Tensor:
