@@ -151,7 +151,7 @@ def test_damaged_truncated_foreign_or_pickled_state_files_are_refused(saved: Pat
     run = lambda path: rp.compare(_model(0), _model(1), _data(4), LAYERS, LAYERS, resume_from=path, **kwargs)  # noqa: E731
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(saved.read_bytes()[:200])
-    with pytest.raises(RepsimError, match="truncated.pt"):
+    with pytest.raises(RepsimError, match=r"truncated\.pt"):
         run(truncated)
     foreign = tmp_path / "foreign.pt"
     torch.save({"a": torch.zeros(2)}, foreign)

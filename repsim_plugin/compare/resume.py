@@ -35,7 +35,7 @@ FORMAT = "repsim-resume-state"
 VERSION = 1
 
 
-# --- tensors + JSON, no pickle -----------------------------------------------------------------------------------------
+# --- tensors + JSON, no pickle ---------------------------------------------------------------------------------------
 
 
 def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -79,7 +79,7 @@ def batch_digest(group: Sequence[Any]) -> str:
     return h.hexdigest()[:32]
 
 
-# --- the run's identity -------------------------------------------------------------------------------------------------
+# --- the run's identity ----------------------------------------------------------------------------------------------
 
 
 def _settings(
