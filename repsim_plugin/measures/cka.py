@@ -24,6 +24,7 @@ from .kernels import (
     hsic_unbiased,
     linear_hsic_unbiased_features,
     resolve_kernel,
+    warn_full_rank,
     warn_small_sample_bias,
 )
 from .registry import Estimator, Measure, Spec, register_family
@@ -85,6 +86,8 @@ def kernel_cka(
 ) -> torch.Tensor:
     """CKA with a kernel of ``kernels.KERNELS`` (Gram-matrix form, O(n^2) memory)."""
     gram = KERNELS[kernel]
+    if not debiased:
+        warn_full_rank(X.shape[0], X.shape[1], Y.shape[1], f"biased {kernel} CKA", "Use debiased=True or more samples.")
     K, L = gram(X, **kernel_params), gram(Y, **kernel_params)
     if debiased:
         return cka_from_hsic(hsic_unbiased(K, L), hsic_unbiased(K, K), hsic_unbiased(L, L))

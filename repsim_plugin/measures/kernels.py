@@ -9,7 +9,7 @@ cancel away the signal.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -231,6 +231,22 @@ def warn_small_sample_bias(n: int, p: int, q: int, advice: str) -> None:
         )
 
 
+def warn_full_rank(n: int, p: int, q: int, measure: str, advice: str) -> None:
+    """Warn (:class:`SmallSampleBiasWarning`) when both sides have at least n - 1 features.
+
+    The centered rows of n samples span at most n - 1 dimensions; with ``min(p, q) >= n - 1`` generic data of
+    both sides span all of them, so an alignment (Procrustes, shape metrics) or a kernel comparison (biased RBF
+    CKA, whose Grams of high-dimensional points all look alike) scores close to its maximum for independent
+    inputs: the value reflects the shape, not the data.
+    """
+    if n >= 2 and min(p, q) >= n - 1:
+        warn(
+            f"{measure} with n={n} samples and {p} / {q} features is inflated: with at least n - 1 features on "
+            f"both sides, independent random representations already look nearly identical to it. {advice}",
+            SmallSampleBiasWarning,
+        )
+
+
 def resolve_kernel(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """A kernel name and its full, validated parameters (defaults filled in) from measure parameters.
 
@@ -301,7 +317,13 @@ def _as_nonnegative_float(name: str, value: Any) -> float:
 
 
 def cka_from_hsic(hsic_xy: torch.Tensor, hsic_xx: torch.Tensor, hsic_yy: torch.Tensor) -> torch.Tensor:
-    """``HSIC(X, Y) / sqrt(HSIC(X, X) HSIC(Y, Y))``; a non-positive self-HSIC is an error, not a NaN."""
+    """``HSIC(X, Y) / (sqrt(HSIC(X, X)) sqrt(HSIC(Y, Y)))``; a non-positive self-HSIC is an error, not a NaN.
+
+    The square roots are taken apart: ``HSIC(X, X) HSIC(Y, Y)`` scales like the eighth power of the inputs
+    (linear kernel) and overflows long before either factor does. An HSIC that is itself not finite is an
+    overflow error, never a 0.0 or NaN.
+    """
+    check_finite_hsic((hsic_xy, hsic_xx, hsic_yy))
     for value, name in ((hsic_xx, "X"), (hsic_yy, "Y")):
         if not bool(value > 0):
             raise DegenerateInputError(
@@ -309,4 +331,14 @@ def cka_from_hsic(hsic_xy: torch.Tensor, hsic_xx: torch.Tensor, hsic_yy: torch.T
                 "unbiased (debiased) estimator this happens at very small n or for a nearly constant "
                 f"representation: use more samples, or check that {name} varies across inputs."
             )
-    return hsic_xy / torch.sqrt(hsic_xx * hsic_yy)
+    return hsic_xy / (torch.sqrt(hsic_xx) * torch.sqrt(hsic_yy))
+
+
+def check_finite_hsic(values: Sequence[torch.Tensor]) -> None:
+    """Raise :class:`DegenerateInputError` (an overflow, not a small-sample problem) for a non-finite HSIC."""
+    if not all(bool(torch.isfinite(v.detach()).all()) for v in values):
+        raise DegenerateInputError(
+            "an HSIC term overflowed (it is not finite) for finite inputs: the activations are too large or too "
+            "small for the kernel's sums. Rescale the activations (e.g. divide each layer by its largest absolute "
+            "value); scale-free measures are rescaled automatically, kernels with a fixed scale are not."
+        )

@@ -36,7 +36,7 @@ import torch
 
 from ..errors import DegenerateInputError, RepsimError, UnknownNameError
 from .cca import column_basis
-from .kernels import center_columns
+from .kernels import center_columns, warn_full_rank
 from .registry import Measure, Spec, register_family
 
 DISTANCES = ("euclidean", "angular")
@@ -71,18 +71,26 @@ def _angle(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return 2.0 * torch.asin(_chord(A, B) / 2.0)
 
 
+def _warn_full_rank(X: torch.Tensor, Y: torch.Tensor, what: str = "Procrustes") -> None:
+    advice = "Use more samples than features (or reduce the features first, e.g. PCA to fewer than n dimensions)."
+    warn_full_rank(X.shape[0], X.shape[1], Y.shape[1], what, advice)
+
+
 def procrustes_distance(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """``min_Q ||X~ - Y~ Q||_F`` over orthogonal Q: a metric, in the units of the data (not scale invariant)."""
+    _warn_full_rank(X, Y)
     return aligned_residual(center_columns(X), center_columns(Y))
 
 
 def procrustes_angle(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """``arccos(||X~^T Y~||_* / (||X~|| ||Y~||))`` in radians, in [0, pi/2]: a metric, scale invariant."""
+    _warn_full_rank(X, Y)
     return _angle(center_columns(X), center_columns(Y))
 
 
 def procrustes_similarity(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """Normalised Procrustes similarity ``||X~^T Y~||_* / (||X~||_F ||Y~||_F)`` in [0, 1] (cosine of the angle)."""
+    _warn_full_rank(X, Y)
     return 1.0 - _chord(center_columns(X), center_columns(Y)).square() / 2.0  # = cos(angle)
 
 
@@ -104,6 +112,7 @@ def shape_distance(X: torch.Tensor, Y: torch.Tensor, *, alpha: float = 1.0, dist
     """Williams et al. (2021) shape metric: Procrustes distance between ``phi_alpha(X)`` and ``phi_alpha(Y)``."""
     if not 0.0 <= alpha <= 1.0:
         raise RepsimError(f"alpha must lie in [0, 1], got {alpha!r}.")
+    _warn_full_rank(X, Y, f"the shape metric (alpha={alpha})")
     A, B = partial_whiten(X, alpha, "X"), partial_whiten(Y, alpha, "Y")
     if distance == "angular":
         return _angle(A, B)

@@ -129,6 +129,8 @@ class Measure:
 
     def __call__(self, X: Any, Y: Any) -> torch.Tensor:
         Xt, Yt = prepare_pair(X, Y, min_samples=self.min_samples, dtype=self.dtype)
+        if "isotropic_scaling" in self.invariances:  # scale-free: compute at unit scale, where nothing overflows
+            Xt, Yt = unit_scale(Xt), unit_scale(Yt)
         value = self.fn(Xt, Yt)
         if not bool(torch.isfinite(value.detach()).all()):
             raise DegenerateInputError(
@@ -178,6 +180,20 @@ class Measure:
 
     def __repr__(self) -> str:
         return f"Measure({self.id!r})"
+
+
+def unit_scale(X: torch.Tensor) -> torch.Tensor:
+    """``X`` divided by the power of two nearest below its largest absolute value: exact (only the exponents
+    change), so a measure invariant to isotropic scaling gives the same value at any scale of its inputs, from
+    1e-300 to 1e300, instead of overflowing or underflowing in its Gram and norm sums. Gradients flow through."""
+    peak = X.detach().abs().amax()
+    if not bool(peak > 0) or not bool(torch.isfinite(peak)):
+        return X
+    _, exponent = torch.frexp(peak)
+    shift = int(exponent) - 1
+    if shift == 0:
+        return X
+    return torch.ldexp(X, torch.tensor(-shift, device=X.device))
 
 
 def _compute_dtype(dtype: Any) -> torch.dtype | None:

@@ -15,7 +15,7 @@ import torch
 
 from .._utils.inputs import as_tensor, check_matrix
 from ..errors import DegenerateInputError, InputShapeError, NonFiniteInputError
-from ..measures.kernels import hsic_unbiased_table, warn_small_sample_bias
+from ..measures.kernels import check_finite_hsic, hsic_unbiased_table, warn_small_sample_bias
 
 F64 = torch.float64
 
@@ -215,7 +215,12 @@ def warn_bias(n: int, la: _Layout, lb: _Layout) -> None:
 def ratio_table(
     xy: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor, names: Sequence[tuple[Sequence[str], Label]]
 ) -> torch.Tensor:
-    """CKA map ``xy / sqrt(xx yy^T)`` from HSIC tables; a non-positive self-HSIC is an error naming its layer."""
+    """CKA map ``xy / sqrt(xx yy^T)`` from HSIC tables; a non-positive self-HSIC is an error naming its layer.
+
+    The square roots are taken apart (``xx yy`` overflows long before either does); a non-finite HSIC is an
+    overflow error.
+    """
+    check_finite_hsic((xy, xx, yy))
     for values, (layer_names, label) in zip((xx, yy), names, strict=True):
         for name, value in zip(layer_names, values, strict=True):
             if not bool(value > 0):
@@ -224,7 +229,7 @@ def ratio_table(
                     "use more samples (the unbiased estimator can be <= 0 at small n), or check that the layer "
                     "varies across inputs."
                 )
-    return xy / torch.sqrt(torch.outer(xx, yy))
+    return xy / torch.outer(torch.sqrt(xx), torch.sqrt(yy))
 
 
 def self_hsic(K: torch.Tensor) -> torch.Tensor:
