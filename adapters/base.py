@@ -17,6 +17,25 @@ from torch import nn
 
 from repsim_plugin.errors import RepsimError
 
+
+def check_keywords(model: nn.Module, inputs: Mapping[str, Any]) -> None:
+    """A dict batch whose keys ``model.forward`` does not take is a clear error (not a ``TypeError`` mid-run)."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin): let the call decide
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = [k for k in inputs if k not in params]
+    if unknown:
+        raise RepsimError(
+            f"the batch has key(s) {unknown} that {type(model).__name__}.forward does not take (it takes "
+            f"{list(params)}); drop them from the batches (labels / sample ids go under a 'labels' key)."
+        )
+
+
 #: Layouts a layer output can have. "NLC": (batch, tokens, channels); "NCHW" / "NHWC": spatial maps.
 LAYOUTS: tuple[str, ...] = ("NLC", "NCHW", "NHWC")
 
@@ -125,6 +144,7 @@ class Adapter:
     def forward(self, model_inputs: Any) -> Any:
         """Run the model on inputs from :meth:`split_batch`: a mapping as keyword arguments, anything else as one."""
         if isinstance(model_inputs, Mapping):
+            check_keywords(self.model, model_inputs)
             return self.model(**model_inputs)
         return self.model(model_inputs)
 

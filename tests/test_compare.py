@@ -164,7 +164,7 @@ def test_samples_are_checked_not_assumed(cnns, batches):
         rp.compare(a, b, batches, LAYERS, LAYERS, data_b=shuffled, progress=False)
     with pytest.raises(RepsimError, match="different numbers of rows"):
         rp.compare(a, b, batches, LAYERS, LAYERS, data_b=[(x[:-1], y[:-1]) for x, y in batches], progress=False)
-    with pytest.raises(ValueError, match="zip"):  # streams of different lengths
+    with pytest.raises(RepsimError, match="data_b ended after"):  # streams of different lengths
         rp.compare(a, b, batches, LAYERS, LAYERS, data_b=batches[:-1], progress=False)
     with pytest.raises(RepsimError, match="must yield labels"):
         rp.compare(a, b, [x for x, _ in batches], LAYERS, LAYERS, data_b=[x for x, _ in batches], progress=False)

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import RepsimError
+
 
 def model_device(model: nn.Module) -> torch.device | None:
     """The device of the model's first parameter or buffer (None for a model without tensors)."""
@@ -46,6 +48,54 @@ def digest(h: Any, obj: Any) -> None:
             digest(h, item)
     else:
         h.update(repr(obj).encode())
+
+
+def check_data(data: Any, name: str = "data") -> None:
+    """``data`` must be an iterable of batches: a lone tensor, string, dict or ``(X, y)`` pair is a clear error."""
+    hint = (
+        f"{name} is an iterable of batches (a DataLoader, a list of tensors / (inputs, labels) pairs / dicts): "
+        "pass [X] for one batch, X.split(batch_size), or DataLoader(TensorDataset(X, y), batch_size=...)"
+    )
+    if isinstance(data, torch.Tensor):
+        shape = tuple(data.shape)
+        raise RepsimError(f"{name} is one tensor of shape {shape}, which would be iterated row by row; {hint}.")
+    if isinstance(data, str | bytes | Mapping) or not hasattr(data, "__iter__"):
+        raise RepsimError(f"{name} is a {type(data).__name__}; {hint}.")
+    if (
+        isinstance(data, tuple)
+        and len(data) == 2
+        and all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in data)
+        and data[0].shape[0] == data[1].shape[0]
+        and data[1].dim() < data[0].dim()
+    ):
+        raise RepsimError(
+            f"{name} looks like one (inputs, labels) pair of shapes {tuple(data[0].shape)} and "
+            f"{tuple(data[1].shape)}, not an iterable of batches (it would be read as two batches); pass "
+            f"[(X, y)] for one batch, or DataLoader(TensorDataset(X, y), batch_size=...)."
+        )
+
+
+def lockstep(streams: Any) -> Iterator[tuple[Any, ...]]:
+    """Batches of several data streams read together; a stream that ends before the others is a clear error."""
+    iterators = [iter(s) for s in streams]
+    index = 0
+    while True:
+        group, ended = [], []
+        for k, it in enumerate(iterators):
+            try:
+                group.append(next(it))
+            except StopIteration:
+                ended.append(k)
+        if len(ended) == len(iterators):
+            return
+        if ended:
+            names = ["data" if k == 0 else "data_b" for k in ended]
+            raise RepsimError(
+                f"{' and '.join(names)} ended after {index} batches while the other stream has more: both streams "
+                "must yield the same batches of the same samples. Give them the same length."
+            )
+        yield tuple(group)
+        index += 1
 
 
 def rows_of(inputs: Any) -> int | None:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .._utils import dist
+from .._utils.batches import check_data
 from .._utils.checks import Bool, Instance, Int, Optional, Where, check_params
 from .._utils.io import load_state_dict
 from ..capture import Recorder
@@ -182,6 +183,9 @@ def compare(
         estimator=estimator,
         names=names,
     )
+    check_data(data)
+    if data_b is not None:
+        check_data(data_b, "data_b")
     m = make(measure)
     capture_args = {"tokens": tokens, "spatial": spatial, "output": output, "device": device}
     labels = (
@@ -239,6 +243,8 @@ def _checkpoint_names(paths: Sequence[Path]) -> list[str]:
 def _checkpoint_pairs(paths: Sequence[Path], names: Sequence[str], reference: int | str | Path | None) -> list[Pair]:
     if reference is None:
         return [Pair(i, j) for i, j in itertools.combinations(range(len(paths)), 2)]
+    if isinstance(reference, bool):
+        raise RepsimError(f"reference must be a checkpoint index (int) or path, got {reference!r}.")
     if isinstance(reference, int):
         if not 0 <= reference < len(paths):
             raise RepsimError(f"reference index {reference} is out of range for {len(paths)} checkpoints.")
@@ -289,6 +295,9 @@ def compare_checkpoints(
         fingerprint_data=fingerprint_data,
         estimator=estimator,
     )
+    check_data(data)
+    if isinstance(checkpoints, str | Path) or not isinstance(checkpoints, Sequence):
+        raise RepsimError(f"checkpoints must be a list of paths, got {type(checkpoints).__name__}.")
     paths = [Path(p) for p in checkpoints]
     if len(paths) < 2:
         raise RepsimError(f"compare_checkpoints needs at least 2 checkpoints, got {len(paths)}.")

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._utils.batches import digest, model_device, to_device
+from .._utils.batches import digest, lockstep, model_device, to_device
 from .._utils.names import module_of
 from .._utils.warnings import warn
 from ..capture import Recorder
@@ -160,10 +160,14 @@ class Engine:
         for side in self.sides:
             self.kept_bytes += sum(t.numel() * t.element_size() for t in (side.rows or {}).values())
         if self.kept_bytes > self.memory_budget:
+            assert self.plan is not None
+            others = sorted(set(self.measure.estimators) - {self.plan.estimator})
             raise MemoryBudgetError(
                 f"kept activations reached {gib(self.kept_bytes)}, over the memory budget of "
-                f"{gib(self.memory_budget)}. Raise memory_budget=, capture fewer layers, reduce features, or use "
-                "max_batches=."
+                f"{gib(self.memory_budget)} (the {self.plan.estimator!r} estimator keeps every row; it was chosen "
+                "from the first batch's size). Raise memory_budget=, capture fewer layers, reduce features, use "
+                f"max_batches={'' if not others else ', or an estimator whose memory does not grow with n: '}"
+                f"{', '.join(repr(o) for o in others)}."
             )
 
     def compute(self, pair: Pair) -> tuple[torch.Tensor, list[str], list[str]]:
@@ -248,7 +252,7 @@ def run(
     engine = Engine(sides, pairs, measure, estimator=estimator, memory_budget=memory_budget)
     engine.data_hashes = [hashlib.sha256() if fingerprint_data else None for _ in streams]
     engine.label_hashes = [hashlib.sha256() for _ in streams]
-    batches = zip(*streams, strict=True) if len(streams) > 1 else ((b,) for b in streams[0])
+    batches = lockstep(streams) if len(streams) > 1 else ((b,) for b in streams[0])
     for index, group in enumerate(_progress(batches, progress, _total(streams, max_batches), "compare")):
         if max_batches is not None and index >= max_batches:
             break

@@ -10,6 +10,7 @@ measure by name.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,14 +41,18 @@ _REDUCE_HINT = (
 
 def parse_bytes(value: int | float | str) -> int:
     """``4 * 2**30``, ``"4GiB"``, ``"512 MB"`` -> bytes."""
+    hint = "give bytes (an int >= 1) or e.g. '4GiB', '512MB'"
     if isinstance(value, int | float) and not isinstance(value, bool):
-        if value <= 0:
-            raise RepsimError(f"memory_budget must be positive, got {value!r}.")
+        if not math.isfinite(value) or value < 1:
+            raise RepsimError(f"memory_budget must be a finite number of bytes >= 1, got {value!r}; {hint}.")
         return int(value)
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise RepsimError(f"cannot read memory_budget {value!r}; give bytes (an int) or e.g. '4GiB', '512MB'.")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if isinstance(value, bool) or not match or match.group(2).lower() not in _UNITS:
+        raise RepsimError(f"cannot read memory_budget {value!r}; {hint}.")
+    parsed = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if parsed < 1:
+        raise RepsimError(f"memory_budget {value!r} is less than one byte; {hint}.")
+    return parsed
 
 
 def gib(n_bytes: float) -> str:

@@ -83,6 +83,17 @@ class SampleSpaceCKAMap(MapAccumulator):
             return None
         return 4 * n * sum(sum(da) + sum(db or ()) for da, db in maps)
 
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of the rows held now (an engine checks them against its memory budget as they grow)."""
+        return sum(
+            t.numel() * t.element_size()
+            for rows in (self._rows_a, self._rows_b)
+            if rows is not None
+            for batches in rows.values()
+            for t in batches
+        )
+
     # --- streaming ---
     def update(self, acts_a: Acts, acts_b: Acts | None = None) -> None:
         """Keep one batch of rows (copies, in their dtype) of every layer."""
