@@ -15,7 +15,16 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from repsim_plugin.errors import RepsimError
+from repsim_plugin.errors import ModelForwardError, RepsimError
+
+
+def describe_inputs(inputs: Any) -> str:
+    """Shapes and dtypes of a batch's inputs, for messages."""
+    if isinstance(inputs, torch.Tensor):
+        return f"of shape {tuple(inputs.shape)} and dtype {str(inputs.dtype).replace('torch.', '')}"
+    if isinstance(inputs, Mapping):
+        return "{" + ", ".join(f"{k!r}: {describe_inputs(v)}" for k, v in inputs.items()) + "}"
+    return type(inputs).__name__
 
 
 def check_keywords(model: nn.Module, inputs: Mapping[str, Any]) -> None:
@@ -143,10 +152,18 @@ class Adapter:
 
     def forward(self, model_inputs: Any) -> Any:
         """Run the model on inputs from :meth:`split_batch`: a mapping as keyword arguments, anything else as one."""
-        if isinstance(model_inputs, Mapping):
-            check_keywords(self.model, model_inputs)
-            return self.model(**model_inputs)
-        return self.model(model_inputs)
+        try:
+            if isinstance(model_inputs, Mapping):
+                check_keywords(self.model, model_inputs)
+                return self.model(**model_inputs)
+            return self.model(model_inputs)
+        except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            if isinstance(exc, RepsimError | torch.OutOfMemoryError):  # ours, or out of memory: as they are
+                raise
+            raise ModelForwardError(
+                f"{type(self.model).__name__} raised {type(exc).__name__} on inputs {describe_inputs(model_inputs)}: "
+                f"{exc}. Check that the data fit the model (dtype, shape, keys, device)."
+            ) from exc
 
     def attention_mask(self, model_inputs: Any) -> torch.Tensor | None:
         """The (batch, tokens) padding mask of these inputs (nonzero = real token), or None when there is none."""

@@ -46,6 +46,11 @@ class MemoryBudgetError(RepsimError):
     """The chosen estimator or measure needs more memory than the budget allows."""
 
 
+class ModelForwardError(RepsimError):
+    """The model raised on the inputs it was given (wrong dtype, shape or keys for it); the original error is
+    chained as ``__cause__``."""
+
+
 class ResumeStateError(RepsimError):
     """A resume state file (``compare(resume_from=...)``) that cannot continue this run: saved from other data,
     models, layers or settings, or damaged; the message names the file and what differs."""

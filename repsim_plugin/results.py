@@ -288,6 +288,18 @@ class SimilarityMap:
         best = torch.argmax(self.values, dim=1).tolist()
         return {a: self.layers_b[j] for a, j in zip(self.layers_a, best, strict=True)}
 
+    def best_match_per_row(self) -> dict[str, str]:
+        """For each layer of A, its best match in B: the largest value for similarities, the smallest for
+        distances (the direction the measure declares; an unregistered measure counts as a similarity)."""
+        from .measures import make
+
+        try:
+            larger = bool(make(self.measure).larger_is_more_similar)
+        except ValueError:
+            larger = True
+        best = (torch.argmax if larger else torch.argmin)(self.values, dim=1).tolist()
+        return {a: self.layers_b[j] for a, j in zip(self.layers_a, best, strict=True)}
+
     # --- serialization ---
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (matrices as nested lists of floats); :meth:`from_dict` inverts it exactly."""

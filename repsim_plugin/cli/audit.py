@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from .._utils.io import write_text
+from ..adapters import for_model
 from ..adversarial import AuditReport, audit
 from ..capture import SPATIAL_POLICIES, TOKEN_POLICIES
+from ..capture.layers import resolve_layers
 from ..errors import RepsimError
+from .checks import check_writable, positive_int
 from .loaders import inputs_only, load_data, load_labels, load_model, model_label
 
 __all__ = ["add_parser", "cmd_audit"]
@@ -74,7 +77,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--lambda-init", type=float, help="initial lambda of the fine-tuning objective (default: shift's)"
     )
-    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"])
+    parser.add_argument("--batch-size", type=positive_int, default=defaults["batch_size"])
     parser.add_argument("--tokens", default=defaults["tokens"], choices=list(TOKEN_POLICIES))
     parser.add_argument("--spatial", default=defaults["spatial"], choices=list(SPATIAL_POLICIES))
     parser.add_argument("--image-size", type=int, help="resize images to this size (default: the model's)")
@@ -87,9 +90,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Load the models and data, run :func:`~repsim_plugin.adversarial.audit`, write and print the report."""
+    check_writable(Path(args.out))  # before the fine-tuning runs, not after
     model_a = load_model(args.model_a, args.checkpoint_a, seed=args.seed)
     spec_b = args.model_b or args.model_a
     model_b = load_model(spec_b, args.checkpoint_b, seed=None if args.seed is None else args.seed + 1)
+    for flag, model, layer in (("--layer-a", model_a, args.layer_a), ("--layer-b", model_b, args.layer_b)):
+        if layer is not None:  # an unknown layer: a usage error now, naming the flag
+            try:
+                resolve_layers(model.model, [layer], for_model(model.model))
+            except RepsimError as exc:
+                raise RepsimError(f"{flag} {layer!r}: {exc}") from None
     read = {"batch_size": args.batch_size, "image_size": args.image_size}
     data = inputs_only(load_data(args.data, model_a, **read))
     eval_data = inputs_only(load_data(args.eval_data, model_a, **read)) if args.eval_data else None

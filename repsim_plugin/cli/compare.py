@@ -15,6 +15,7 @@ from ..capture import SPATIAL_POLICIES, TOKEN_POLICIES
 from ..compare import ESTIMATOR_CHOICES, compare, compare_checkpoints
 from ..errors import RepsimError
 from ..results import SimilarityMap
+from .checks import check_writable, checkpoint_stems, out_stem, positive_int, with_suffix
 from .loaders import load_data, load_model, model_label
 
 __all__ = ["add_parser", "cmd_compare"]
@@ -37,9 +38,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     cmp.add_argument("--estimator", default="auto", choices=list(ESTIMATOR_CHOICES))
     cmp.add_argument("--tokens", default="mean", choices=list(TOKEN_POLICIES))
     cmp.add_argument("--spatial", default="flatten", choices=list(SPATIAL_POLICIES))
-    cmp.add_argument("--batch-size", type=int, default=32)
+    cmp.add_argument("--batch-size", type=positive_int, default=32)
     cmp.add_argument("--image-size", type=int, help="resize images to this size (default: the model's)")
-    cmp.add_argument("--max-batches", type=int)
+    cmp.add_argument("--max-batches", type=positive_int)
     cmp.add_argument("--memory-budget", default="4GiB")
     cmp.add_argument("--seed", type=int)
     cmp.add_argument("--out", default="repsim-map", help="output path without suffix: writes .json and .png")
@@ -48,7 +49,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="PATH",
         help="state file: saved every --save-every batches; re-running the same command resumes from it",
     )
-    cmp.add_argument("--save-every", type=int, metavar="K", help="with --resume-from: save every K batches (10)")
+    cmp.add_argument(
+        "--save-every", type=positive_int, metavar="K", help="with --resume-from: save every K batches (10)"
+    )
     cmp.add_argument("--no-progress", action="store_true")
     cmp.set_defaults(func=cmd_compare)
     return cmp
@@ -56,6 +59,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run ``repsim compare``: a map of two models, or of checkpoints with ``--checkpoints``."""
+    check_writable(out_stem(args.out).parent)  # a read-only --out is found now, not after the whole run
     if args.checkpoints:
         return _compare_checkpoints(args)
     return _compare_models(args)
@@ -90,8 +94,11 @@ def _compare_checkpoints(args: argparse.Namespace) -> int:
         layers=_layers(args.layers_a),
         **_common(args),
     )
-    for (name_a, name_b), result in maps.items():
-        _report(result, Path(args.out) / f"{Path(name_a).stem}__vs__{Path(name_b).stem}")
+    stems = checkpoint_stems([str(Path(p)) for p in args.checkpoints])
+    folder = Path(args.out)
+    for result in maps.values():
+        a, b = stems[result.extra["checkpoint_a"]], stems[result.extra["checkpoint_b"]]
+        _report(result, folder / f"{a}__vs__{b}")
     return 0
 
 
@@ -119,7 +126,7 @@ def _compare_models(args: argparse.Namespace) -> int:
         names=(model_label(args.model_a, args.checkpoint_a), model_label(spec_b, args.checkpoint_b)),
         **_common(args),
     )
-    _report(result, Path(args.out))
+    _report(result, out_stem(args.out))
     return 0
 
 
@@ -129,10 +136,10 @@ def _layers(values: Sequence[str] | None) -> list[str] | None:
 
 def _report(result: SimilarityMap, out: Path) -> None:
     """Write ``out.json`` and ``out.png`` (both atomically), say so, and print the summary."""
-    written = [result.save(out.with_suffix(".json")), out.with_suffix(".png")]
+    written = [result.save(with_suffix(out, ".json")), with_suffix(out, ".png")]
     result.plot(written[1])
     for path in written:
         print(f"wrote {path}")
     print(f"{result.measure} ({result.estimator}, n={result.n}): {len(result.layers_a)} x {len(result.layers_b)} map")
-    for layer, match in result.argmax_per_row().items():
+    for layer, match in result.best_match_per_row().items():
         print(f"  {layer:<30} best match {match:<30} {result[layer, match]:.4f}")

@@ -112,7 +112,10 @@ def _module_model(spec: str, target: str, kwargs: dict[str, Any]) -> LoadedModel
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise RepsimError(f"cannot import {module_name}:{attr} for {spec!r}: {exc}") from exc
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except TypeError as exc:  # an unknown or missing keyword argument
+        raise RepsimError(f"cannot build {spec!r}: {exc}. Check the keyword arguments after the comma.") from exc
     if not isinstance(model, nn.Module):
         raise RepsimError(f"{module_name}:{attr}() returned a {type(model).__name__}, not a torch.nn.Module.")
     return LoadedModel(spec, model, "module")
@@ -155,9 +158,12 @@ def model_label(spec: str, checkpoint: str | None) -> str:
 def _read_image(path: Path, mode: str, width: int, height: int) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as image:
-        resized = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
-        return np.asarray(resized, dtype=np.float32) / 255.0
+    try:
+        with Image.open(path) as image:
+            resized = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
+            return np.asarray(resized, dtype=np.float32) / 255.0
+    except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise RepsimError(f"cannot read the image {str(path)!r} ({exc}); remove or replace the file.") from None
 
 
 def _image_batches(folder: Path, model: LoadedModel, image_size: int | None, batch_size: int) -> list[torch.Tensor]:
