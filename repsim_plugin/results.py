@@ -336,7 +336,7 @@ class SimilarityMap:
                 "by SimilarityMap.save()?"
             )
         version = data.get("schema_version")
-        if not isinstance(version, int) or version < 1:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise RepsimError(f"invalid schema_version {version!r}.")
         if version > SCHEMA_VERSION:
             raise RepsimError(
@@ -380,12 +380,20 @@ class SimilarityMap:
     def load(cls, path: str | os.PathLike[str]) -> SimilarityMap:
         """Read a map written by :meth:`save`."""
         path = Path(path)
-        text = path.read_text(encoding="utf-8")
         try:
+            text = path.read_text(encoding="utf-8")
             data = json.loads(text)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
             raise RepsimError(f"{path} is not valid JSON ({err}); was it written by SimilarityMap.save()?") from None
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except RepsimError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError, RuntimeError) as err:
+            raise RepsimError(
+                f"{path} is not a valid map file ({type(err).__name__}: {err}); it was edited or not written by "
+                "SimilarityMap.save(). Write it again with result.save(path)."
+            ) from None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SimilarityMap):

@@ -19,7 +19,7 @@ from .._utils.batches import digest, lockstep, model_device, to_device
 from .._utils.names import module_of
 from .._utils.warnings import warn
 from ..capture import Recorder
-from ..errors import EstimatorChoiceWarning, MemoryBudgetError, RepsimError
+from ..errors import EstimatorChoiceWarning, MemoryBudgetError, RepsimError, TooFewSamplesError
 from ..measures import Measure
 from .plan import Plan, choose_estimator, gib
 
@@ -268,6 +268,12 @@ def run(
         resume.finish(engine)
     if engine.plan is None:
         raise RepsimError("the data yielded no batches; pass an iterable of batches (a DataLoader, a list, ...).")
+    if engine.skipped_rows and engine.skipped_rows >= sides[0].n:
+        raise TooFewSamplesError(
+            f"every batch had fewer rows than {engine.plan.estimator} needs per batch (at least "
+            f"{getattr(next(iter(engine.accumulators.values())), 'min_batch_rows', 0)} rows), so no batch was counted: "
+            "use larger batches, or another estimator."
+        )
     if len(streams) > 1:
         check_same_samples(engine.label_hashes)
     return engine

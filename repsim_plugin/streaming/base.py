@@ -312,6 +312,9 @@ class Accumulator:
                     raise ValueError(f"{d.key!r} must hold tensors, got {type(t).__name__}")
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     raise ValueError(f"{d.key!r} holds NaN or Inf")
+        n = getattr(self, "n", 0)  # the sample count, wherever a subclass keeps it
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"the sample count must be a non-negative int, got {n!r}")
         self._check_shapes()
 
     def _check_shapes(self) -> None:
