@@ -73,10 +73,10 @@ def _run_killed(state: Path, kill_at: int, measure: str = "cka", estimator: str 
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
 
 
-@pytest.mark.parametrize(
-    ("measure", "estimator"),
-    [("cka", "auto"), ("debiased_cka", "sample_space"), ("rbf_cka", "minibatch")],
-)
+ESTIMATORS = [("cka", "auto"), ("debiased_cka", "sample_space"), ("rbf_cka", "minibatch")]
+
+
+@pytest.mark.parametrize(("measure", "estimator"), ESTIMATORS[1:2])
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path: Path, measure: str, estimator: str) -> None:
     state = tmp_path / "run.state.pt"
     _run_killed(state, kill_at=5, measure=measure, estimator=estimator)  # batches 0-4 ran; saved after 2 and 4
@@ -100,6 +100,19 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path: Path, measur
     torch.testing.assert_close(again.values, full.values, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize(("measure", "estimator"), [ESTIMATORS[0], ESTIMATORS[2]])
+def test_resume_of_every_estimator_equals_uninterrupted(tmp_path: Path, measure: str, estimator: str) -> None:
+    """The same as above without the (slow to start) subprocess: the run that stopped is an earlier call."""
+    state, kw = tmp_path / "s.pt", {"measure": measure, "estimator": estimator, "progress": False}
+    rp.compare(_model(0), _model(1, 12), _data()[:5], LAYERS, LAYERS, resume_from=state, save_every=2, **kw)
+    full = rp.compare(_model(0), _model(1, 12), _data(), LAYERS, LAYERS, **kw)
+    a, b = Counting(*_model(0)), Counting(*_model(1, 12))
+    resumed = rp.compare(a, b, _data(), LAYERS, LAYERS, resume_from=state, **kw)
+    assert resumed.extra["resumed_batches"] == 5 and a.forwards == 4
+    torch.testing.assert_close(resumed.values, full.values, rtol=0, atol=1e-12)
+    assert resumed.estimator == full.estimator and resumed.n == full.n
+
+
 def test_fresh_run_saves_every_k_and_records_zero_resumed(tmp_path: Path) -> None:
     state = tmp_path / "s.pt"
     result = rp.compare(_model(0), _model(1), _data(5), LAYERS, LAYERS, progress=False, resume_from=state,
@@ -108,6 +121,25 @@ def test_fresh_run_saves_every_k_and_records_zero_resumed(tmp_path: Path) -> Non
     raw = torch.load(state, weights_only=True)  # plain tensors and a JSON string: no pickled objects
     assert raw["format"] == "repsim-resume-state" and isinstance(raw["meta"], str)
     assert oct(state.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def test_default_schedule_saves_after_the_first_batch_and_at_the_end(tmp_path: Path) -> None:
+    from repsim_plugin.compare import resume
+
+    state = tmp_path / "s.pt"
+    saves = []
+    original = resume.Resume.save
+
+    def counting(self: resume.Resume, engine: object) -> None:
+        saves.append(len(self.digests))
+        original(self, engine)
+
+    resume.Resume.save = counting  # type: ignore[method-assign]
+    try:
+        rp.compare(_model(0), _model(1), _data(6), LAYERS, LAYERS, progress=False, resume_from=state)
+    finally:
+        resume.Resume.save = original  # type: ignore[method-assign]
+    assert saves[0] == 1 and saves[-1] == 6 and len(saves) < 6  # the saves of tiny states are spaced by >= 1 s
 
 
 def _umask() -> int:

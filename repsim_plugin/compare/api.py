@@ -168,11 +168,11 @@ def compare(
     ``result.extra["data_fingerprint"]`` (provenance; turn it off when hashing the inputs costs more than the
     forward passes, e.g. large images on a fast GPU).
 
-    ``resume_from`` (a file path) saves the accumulated state there every ``save_every`` batches (default 10)
-    and at the end; re-running the same call resumes from it, skipping the forward passes of the batches it
-    counted (verified by fingerprint) and giving the map an uninterrupted run gives. ``result.extra
-    ["resumed_batches"]`` says how many batches came from the file. A file from other data, models, layers or
-    settings is refused (:class:`~repsim_plugin.errors.ResumeStateError`). See :mod:`.resume`.
+    ``resume_from`` (a file path) saves the accumulated state there every ``save_every`` batches (default None: as often
+    as keeps saving under ~5% of the run time) and at the end; re-running the same call resumes from it, skipping the
+    forward passes of the batches it counted (verified by fingerprint) and giving the map an uninterrupted run gives.
+    ``result.extra ["resumed_batches"]`` says how many batches came from the file. A file from other data, models,
+    layers or settings is refused (:class:`~repsim_plugin.errors.ResumeStateError`). See :mod:`.resume`.
     """
     check_params(
         COMPARE_PARAMS,

@@ -1,12 +1,14 @@
 """Resume a comparison after a crash: the accumulators' state saved every k batches, verified when read back.
 
-``rp.compare(..., resume_from=path, save_every=k)`` saves, atomically and every ``k`` counted batches (and once at
-the end), what the engine has accumulated: every pair's accumulator state dict, the per-side row counts, and the
-fingerprints of what produced them (each counted batch, each model's weights, the layers, the measure, the
-estimator and its planning inputs, the reduction policies). Re-running the same call with the same path reads the
-file, checks that the settings and models are the ones saved, hashes the first batches of the data and checks
-that they are the counted ones (without running them through the models), restores the accumulators, and goes on
-with the next batch. The map is the one an uninterrupted run gives (the state is float64 and restored bit for bit).
+``rp.compare(..., resume_from=path, save_every=k)`` saves, atomically, every ``k`` counted batches and once at the
+end (``save_every=None``, the default, saves as often as keeps the time spent saving under about 5% of the run:
+after the first batch, then whenever 20 times the last save's duration, and at least a second, have passed) what the
+engine has accumulated: every pair's accumulator state dict, the per-side row counts, and the fingerprints of what
+produced them (each counted batch, each model's weights, the layers, the measure, the estimator and its planning
+inputs, the reduction policies). Re-running the same call with the same path reads the file, checks that the
+settings and models are the ones saved, hashes the first batches of the data and checks that they are the counted
+ones (without running them through the models), restores the accumulators, and goes on with the next batch. The map
+is the one an uninterrupted run gives (the state is float64 and restored bit for bit).
 
 The file is a ``torch.save`` of plain tensors and one JSON string, read back with ``torch.load(weights_only=True)``:
 no pickled code is written or run. A file from other data, other models, other layers or other settings is refused
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,10 @@ from .plan import choose_estimator
 __all__ = ["FORMAT", "Resume", "ResumeStateError", "open_resume"]
 
 FORMAT = "repsim-resume-state"
+#: ``save_every=None``: wait this many times the last save's duration (saving stays under ~5% of the run) ...
+ADAPTIVE_FACTOR = 20.0
+#: ... and at least this many seconds between saves
+ADAPTIVE_MIN_SECONDS = 1.0
 VERSION = 1
 
 
@@ -137,7 +144,7 @@ class Resume:
     def __init__(
         self,
         path: str | Path,
-        save_every: int,
+        save_every: int | None,
         settings: dict[str, Any],
         models: list[str],
         labels: list[str],
@@ -145,7 +152,9 @@ class Resume:
         max_batches: int | None = None,
     ) -> None:
         self.path = Path(path)
-        self.save_every = int(save_every)
+        self.save_every = save_every
+        self._last_save_end = 0.0
+        self._last_save_seconds = 0.0
         self.settings = settings
         self.models, self.labels = models, labels
         self.max_batches = max_batches
@@ -224,8 +233,16 @@ class Resume:
         if self.plan_inputs is None:
             self.plan_inputs = _plan_inputs(engine)
         self.digests.append(batch_digest(group))
-        if len(self.digests) % self.save_every == 0:
+        if self._due():
             self.save(engine)
+
+    def _due(self) -> bool:
+        if self.save_every is not None:
+            return len(self.digests) % self.save_every == 0
+        if self._saved_count < 0:  # nothing saved by this run yet
+            return True
+        waited = time.perf_counter() - self._last_save_end
+        return waited >= max(ADAPTIVE_FACTOR * self._last_save_seconds, ADAPTIVE_MIN_SECONDS)
 
     def finish(self, engine: Any) -> None:
         """After the last batch: the data must have held every counted batch; save the final state."""
@@ -269,7 +286,10 @@ class Resume:
             "state": _encode(self._engine_state(engine), tensors),
         }
         payload = {"format": FORMAT, "version": VERSION, "meta": json.dumps(meta), "tensors": tensors}
+        start = time.perf_counter()
         atomic_write(self.path, lambda handle: torch.save(payload, handle), mode="wb")
+        self._last_save_end = time.perf_counter()
+        self._last_save_seconds = self._last_save_end - start
         self.saves += 1
         self._saved_count = len(self.digests)
 
@@ -380,9 +400,7 @@ def open_resume(
         return None
     if not isinstance(path, str | Path):
         raise RepsimError(f"resume_from must be a path (str or pathlib.Path), got {type(path).__name__}.")
-    if save_every is None:
-        save_every = 10
-    if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
+    if save_every is not None and (isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1):
         raise RepsimError(f"save_every must be a positive int (save the state every k batches), got {save_every!r}.")
     if dist.world_size() > 1:
         raise RepsimError(
