@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -902,3 +902,51 @@ def test_map_json_hand_edited_is_a_clear_error(tmp_path: Path) -> None:
         (tmp_path / "e.json").write_text(json.dumps(edited))
         with pytest.raises(errors.RepsimError):
             rp.SimilarityMap.load(tmp_path / "e.json")
+
+
+# --- interrupts (Ctrl-C) at any point of compare and shift ------------------------------------------------------------
+
+
+class Interrupting(nn.Module):
+    """A linear layer that raises KeyboardInterrupt at the ``at``-th forward of any copy (a shared counter)."""
+
+    calls: ClassVar[dict[str, int]] = {"n": 0, "at": -1}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        Interrupting.calls["n"] += 1
+        if Interrupting.calls["n"] == Interrupting.calls["at"]:
+            raise KeyboardInterrupt
+        return self.lin(x)
+
+
+def _interruptible() -> nn.Sequential:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), Interrupting(), nn.ReLU(), nn.Linear(16, 4)).train()
+    m[1].eval()
+    return m
+
+
+@pytest.mark.parametrize("at", [1, 3])
+@pytest.mark.parametrize("grad", [True, False])
+def test_an_interrupt_anywhere_in_compare_or_shift_leaves_the_model_as_it_was(at: int, grad: bool) -> None:
+    model = _interruptible()
+    before = _snapshot(model)
+    for run in (
+        lambda: rp.compare(model, None, DATA, ["0", "2", "4"], progress=False),
+        lambda: rp.compare(model, _mlp(1), DATA, ["2"], ["0"], estimator="sample_space", progress=False),
+        lambda: rp.adversarial.shift(model, "2", DATA, target=0.3, steps=3, batch_size=16),
+    ):
+        Interrupting.calls.update(n=0, at=at)
+        with torch.set_grad_enabled(grad):
+            with pytest.raises(KeyboardInterrupt):
+                run()
+            assert torch.is_grad_enabled() is grad
+        assert _hooks(model) == 0
+        now = _snapshot(model)
+        assert now["flags"] == before["flags"] and now["grad"] == before["grad"]
+        assert all(torch.equal(now["state"][k], v) for k, v in before["state"].items())
+    Interrupting.calls.update(n=0, at=-1)

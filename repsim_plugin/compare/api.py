@@ -171,7 +171,7 @@ def compare(
     ``resume_from`` (a file path) saves the accumulated state there every ``save_every`` batches (default None: as often
     as keeps saving under ~5% of the run time) and at the end; re-running the same call resumes from it, skipping the
     forward passes of the batches it counted (verified by fingerprint) and giving the map an uninterrupted run gives.
-    ``result.extra ["resumed_batches"]`` says how many batches came from the file. A file from other data, models,
+    ``result.extra["resumed_batches"]`` says how many batches came from the file. A file from other data, models,
     layers or settings is refused (:class:`~repsim_plugin.errors.ResumeStateError`). See :mod:`.resume`.
     """
     check_params(
