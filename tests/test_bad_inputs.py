@@ -325,6 +325,14 @@ CASES = [
         errors.RepsimError,
         r"attention mask has shape",
     ),
+    Case(
+        "attention-mask-nan",
+        compare(
+            TOKENS, None, [{"x": torch.randn(4, 5, 8), "attention_mask": torch.full((4, 5), float("nan"))}], ["proj"]
+        ),
+        errors.NonFiniteInputError,
+        r"attention mask.*NaN.*0 \(padding\) and 1",
+    ),
     Case("wrong-token-policy", compare(TOKENS, None, DATA, ["proj"], tokens="avg"), errors.UnknownNameError, r"mean"),
     Case("wrong-spatial-policy", compare(A, None, DATA, ["0"], spatial="pool"), errors.UnknownNameError, r"flatten"),
     # --- compare ---

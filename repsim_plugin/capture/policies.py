@@ -23,7 +23,14 @@ import torch
 from repsim_plugin._utils.checks import Choice, Constraint
 from repsim_plugin._utils.suggest import did_you_mean
 from repsim_plugin.adapters import LAYOUTS, Adapter
-from repsim_plugin.errors import DegenerateInputError, InputDtypeError, InputShapeError, RepsimError, UnknownNameError
+from repsim_plugin.errors import (
+    DegenerateInputError,
+    InputDtypeError,
+    InputShapeError,
+    NonFiniteInputError,
+    RepsimError,
+    UnknownNameError,
+)
 
 __all__ = [
     "SPATIAL_POLICIES",
@@ -414,6 +421,10 @@ def _real_tokens(tensor: torch.Tensor, mask: torch.Tensor | None, where: str) ->
             f"{where} has {batch} sequences of {length} tokens but the attention mask has shape "
             f"{tuple(mask.shape)}; pass attention_mask= with shape (batch, tokens) for this layer, or "
             "capture layers that see the masked sequence"
+        )
+    if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):
+        raise NonFiniteInputError(
+            f"the attention mask of {where} holds NaN or Inf; pass a mask of 0 (padding) and 1 (real token)"
         )
     return mask.to(device=tensor.device) != 0
 
