@@ -80,3 +80,27 @@ def test_nan_and_inf_are_still_found_by_the_extremes_check():
         Z[17, 2] = bad
         with pytest.raises(rp.errors.NonFiniteInputError, match="row 17"):
             rp.similarity(Z, X)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_sample_space_map_of_float32_rows_is_within_1e_8_of_float64_rows(debiased):
+    from repsim_plugin.streaming import SampleSpaceCKAMap
+
+    g = torch.Generator().manual_seed(2)
+    n = 384
+    base = torch.randn(n, 1500, generator=g)
+    acts = {
+        "offset": torch.relu(base) + 1e4,
+        "mixed": base[:, :700] @ torch.randn(700, 1200, generator=g) / 30 + torch.randn(n, 1200, generator=g),
+        "skew": 3 * torch.relu(base[:, 500:]) ** 2 - 7e2,
+    }
+    assert n * n * 1000 >= MIXED_MIN_FLOPS
+    fast, full = SampleSpaceCKAMap(debiased), SampleSpaceCKAMap(debiased)
+    for i in range(0, n, 100):
+        fast.update({k: v[i : i + 100] for k, v in acts.items()})
+        full.update({k: v[i : i + 100].double() for k, v in acts.items()})
+    got, ref = fast.compute(), full.compute()
+    assert torch.allclose(got, ref, atol=1e-8, rtol=0), (got - ref).abs().max()
+    one = SampleSpaceCKAMap(debiased)  # batching does not change a bit: the same rows, the same products
+    one.update(acts)
+    assert torch.equal(one.compute(), got)
