@@ -60,7 +60,7 @@ def deviation_terms(D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return r, cols, rows
 
 
-def row_squares64(D: torch.Tensor, chunk_bytes: int = 2**20) -> torch.Tensor:
+def row_squares64(D: torch.Tensor, chunk_bytes: int = 2**24) -> torch.Tensor:
     """Exact float64 sums of squares of each row of ``D``, a few rows at a time (no (n, d) float64 copy)."""
     n, d = D.shape
     step = max(1, chunk_bytes // (8 * max(d, 1)))
