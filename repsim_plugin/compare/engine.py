@@ -238,6 +238,7 @@ def run(
     progress: bool,
     max_batches: int | None,
     fingerprint_data: bool = True,
+    keep_grams: bool = False,
 ) -> Engine:
     """Feed every batch through every side once, check the sides saw the same samples, update every pair.
 
@@ -253,6 +254,9 @@ def run(
         counts = _forward_all(engine, group, index)
         if index == 0:
             engine.start(_estimate_n(streams[0], max_batches, counts[sides[0].label]))
+            for acc in engine.accumulators.values():
+                if keep_grams:
+                    acc.keep_grams = True
         engine.update()
     if engine.plan is None:
         raise RepsimError("the data yielded no batches; pass an iterable of batches (a DataLoader, a list, ...).")

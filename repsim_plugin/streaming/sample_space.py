@@ -55,6 +55,9 @@ class SampleSpaceCKAMap(MapAccumulator):
         check_params(SAMPLE_SPACE_PARAMS, debiased=debiased, same=same)
         super().__init__(same=same, process_group=process_group)
         self.debiased = debiased
+        #: set to keep the (L, n, n) Grams of the last compute() in ``kept_grams`` (not part of the state)
+        self.keep_grams = False
+        self.kept_grams: tuple[torch.Tensor, torch.Tensor] | None = None
         self.add_state("n", 0, COUNT)
         self.add_state("_rows_a", None, ROWS, key="rows_a")
         self.add_state("_rows_b", None, ROWS, key="rows_b")
@@ -120,6 +123,8 @@ class SampleSpaceCKAMap(MapAccumulator):
         with torch.no_grad():
             KA = self.grams(self._rows_a, la)
             KB = KA if self._rows_b is None else self.grams(self._rows_b, lb)
+            if self.keep_grams:  # for permutation tests / bootstrap on the map (repsim_plugin.map_stats)
+                self.kept_grams = (KA, KB)
             if self.debiased:
                 xy = hsic_unbiased_table(KA, KB, symmetric=True)
                 xx = torch.diagonal(xy) if self.same else self_hsic(KA)
