@@ -104,3 +104,18 @@ def test_sample_space_map_of_float32_rows_is_within_1e_8_of_float64_rows(debiase
     one = SampleSpaceCKAMap(debiased)  # batching does not change a bit: the same rows, the same products
     one.update(acts)
     assert torch.equal(one.compute(), got)
+
+
+def test_minibatch_map_of_float32_rows_is_within_1e_8_of_float64_rows():
+    from repsim_plugin.streaming import MinibatchCKAMap
+
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(256, 9000, generator=g)
+    acts = {"offset": torch.relu(base) + 1e4, "proj": base[:, :900] @ torch.randn(900, 8300, generator=g) / 30}
+    assert MIXED_MIN_FLOPS <= 128 * 128 * 8300
+    fast, full = MinibatchCKAMap(), MinibatchCKAMap()
+    for i in range(0, 256, 128):
+        fast.update({k: v[i : i + 128] for k, v in acts.items()})
+        full.update({k: v[i : i + 128].double() for k, v in acts.items()})
+    got, ref = fast.compute(), full.compute()
+    assert torch.allclose(got, ref, atol=1e-8, rtol=0), (got - ref).abs().max()
