@@ -129,6 +129,9 @@ class Engine:
         if self.plan.declaration.note:
             warn(self.plan.declaration.note, EstimatorChoiceWarning)
         self.accumulators = {pair: self.plan.build(same=pair.same) for pair in self.pairs}
+        if self.measure.mixed_fn is None and self.measure.dtype == torch.float64:
+            for acc in self.accumulators.values():  # an explicit dtype=torch.float64: no float32 products anywhere
+                acc.full_float64 = True
 
     def update(self) -> None:
         """Feed the current batch's rows to every pair's accumulator."""

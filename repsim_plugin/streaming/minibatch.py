@@ -82,7 +82,7 @@ class _Kernel:
         return torch.stack(
             [
                 _linear_gram_mixed(t.detach().to(device))
-                if self.kernel == "linear" and _mixed(t)
+                if self.kernel == "linear" and not getattr(self, "full_float64", False) and _mixed(t)
                 else gram(t.detach().to(device, F64), **self.kernel_params)
                 for t in tensors
             ]

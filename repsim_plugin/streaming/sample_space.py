@@ -57,6 +57,8 @@ class SampleSpaceCKAMap(MapAccumulator):
         self.debiased = debiased
         #: set to keep the (L, n, n) Grams of the last compute() in ``kept_grams`` (not part of the state)
         self.keep_grams = False
+        #: set for full float64 Grams of float32 rows too (``make("cka", dtype=torch.float64)`` in compare)
+        self.full_float64 = False
         self.kept_grams: tuple[torch.Tensor, torch.Tensor] | None = None
         self.add_state("n", 0, COUNT)
         self.add_state("_rows_a", None, ROWS, key="rows_a")
@@ -151,7 +153,7 @@ class SampleSpaceCKAMap(MapAccumulator):
 
     def _gram(self, batches: list[torch.Tensor], name: str) -> torch.Tensor:
         n, d = sum(int(b.shape[0]) for b in batches), int(batches[0].shape[1])
-        if batches[0].dtype == F64 or n * n * d < MIXED_MIN_FLOPS:
+        if self.full_float64 or batches[0].dtype == F64 or n * n * d < MIXED_MIN_FLOPS:
             X64 = torch.cat([b.to(F64) for b in batches])
             self._check_varies(X64, name)
             Xc = X64 - X64.mean(0, keepdim=True)
