@@ -87,7 +87,7 @@ def linear_cka(X: torch.Tensor, Y: torch.Tensor, *, debiased: bool = False, spac
 
 
 def linear_cka_mixed(X: torch.Tensor, Y: torch.Tensor, *, debiased: bool = False, space: str = "auto") -> torch.Tensor:
-    """Linear CKA of float32 inputs with float32 products and float64 sums: within ~1e-9 of :func:`linear_cka`.
+    """Linear CKA of float32 inputs, float32 products, float64 sums: within a few 1e-8 of :func:`linear_cka`.
 
     Deviations from the column means are formed in float64 and rounded once to float32 (:func:`deviations32`),
     the three products run in float32 (the cost of the measure, at float32 GEMM speed), and everything built from
