@@ -211,7 +211,10 @@ def compare(
     )
     result = _result(engine, pair, seed=seed, extra={})
     if with_stats:
-        add_statistics(result, engine.accumulators[pair], permutations=permutations, bootstrap=bootstrap, seed=seed)
+        stats_seed = 0 if seed is None else seed
+        add_statistics(
+            result, engine.accumulators[pair], permutations=permutations, bootstrap=bootstrap, seed=stats_seed
+        )
     return result
 
 
