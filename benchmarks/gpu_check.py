@@ -7,6 +7,8 @@ Run on a machine with a GPU: ``python benchmarks/gpu_check.py``. It checks
 3. capture of a padded batch through a tiny BERT on CUDA equals the CPU capture (1e-5);
 4. ``rp.adversarial.shift`` runs on a CUDA model and returns a CUDA copy, leaving the original untouched.
 Prints one line per check and exits 1 if any failed. (The tests run on CPU; this script is the GPU part.)
+``python benchmarks/gpu_check.py --perf`` times W1 / W2 of the performance issue and a ViT-B/16 block map on the
+GPU instead (prepared; not run yet: no GPU was lent to the session that wrote it).
 """
 
 from __future__ import annotations
@@ -150,7 +152,76 @@ def main() -> int:
     return 1 if FAILURES else 0
 
 
+def _timed(fn, sync, rounds: int = 3) -> float:
+    import statistics
+    import time
+
+    fn()
+    sync()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def perf() -> int:
+    """``--perf``: W1 and W2 of the performance issue on the GPU, and a ViT-B/16 12 x 12 block map over 4096 images
+    against its forward passes (prepared for a GPU machine; prints one line per figure)."""
+    import timm
+
+    import repsim_plugin as rp
+
+    dev = torch.device(os.environ.get("GPU_CHECK_DEVICE", "cuda"))
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(10000, 2048, generator=g).to(dev)
+    Y = (X[:, :1024] @ torch.randn(1024, 1024, generator=g).to(dev) / 32 + torch.randn(10000, 1024, device=dev)).float()
+    Xc, Yc = X - X.mean(0), Y - Y.mean(0)
+    bound = _timed(lambda: (Xc.T @ Yc, Xc.T @ Xc, Yc.T @ Yc), sync)
+    for name in ("cka", "debiased_cka"):
+        m, full = rp.measures.make(name), rp.measures.make(name, dtype=torch.float64)
+        t = _timed(lambda m=m: m(X, Y), sync)
+        err = abs(float(m(X, Y)) - float(full(X, Y)))
+        print(
+            f"W1 {name}: {t:.4f} s, {t / bound:.2f}x the float32 GEMM bound ({bound:.4f} s), |fast - float64| {err:.1e}"
+        )
+    layers = ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0", "layer4.1"]
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(timm.create_model("resnet18", pretrained=False, zero_init_last=False).eval().to(dev))
+    data = [torch.randn(128, 3, 64, 64, generator=g).to(dev) for _ in range(8)]
+
+    def forward(ms, batches):
+        with torch.no_grad():
+            for x in batches:
+                for model in ms:
+                    model(x)
+
+    fwd = _timed(lambda: forward(models, data), sync)
+    print(f"W2 forward passes: {fwd:.3f} s")
+    for label, kw in {
+        "default (exact)": {},
+        "minibatch": {"measure": "debiased_cka", "estimator": "minibatch"},
+        "spatial=mean": {"spatial": "mean"},
+    }.items():
+        t = _timed(lambda kw=kw: rp.compare(*models, data, layers, layers, progress=False, **kw), sync, rounds=2)
+        print(f"W2 {label}: {t:.3f} s, overhead {t / fwd - 1:+.0%} over the forward passes")
+    vits = [timm.create_model("vit_base_patch16_224", pretrained=False).eval().to(dev) for _ in range(2)]
+    images = [torch.randn(256, 3, 224, 224, generator=g).to(dev) for _ in range(16)]
+    blocks = [f"blocks.{i}" for i in range(12)]
+    fwd = _timed(lambda: forward(vits, images), sync, rounds=1)
+    t = _timed(lambda: rp.compare(*vits, images, blocks, blocks, progress=False), sync, rounds=1)
+    print(f"ViT-B/16 12 x 12 block map, 4096 images: forward {fwd:.2f} s, compare {t:.2f} s ({t / fwd - 1:+.0%})")
+    return 0
+
+
 if __name__ == "__main__":
+    if "--perf" in sys.argv:
+        sys.exit(perf())
     code = main()
     print("FAILED: " + ", ".join(FAILURES) if FAILURES else "all device checks passed", flush=True)
     sys.exit(code)

@@ -216,6 +216,8 @@ class SimilarityMap:
     interval_level: float | None = None
     p_values: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Benjamini-Hochberg adjusted p-values over the whole map (same shape), when p_values were computed
+    q_values: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.layers_a = _layer_names(self.layers_a, "a")
@@ -253,6 +255,10 @@ class SimilarityMap:
             self.p_values = _as_matrix(self.p_values, "p_values", shape)
             if bool(((self.p_values < 0) | (self.p_values > 1)).any()):
                 raise RepsimError("p_values must lie in [0, 1].")
+        if self.q_values is not None:
+            self.q_values = _as_matrix(self.q_values, "q_values", shape)
+            if bool(((self.q_values < 0) | (self.q_values > 1)).any()):
+                raise RepsimError("q_values must lie in [0, 1].")
 
     # --- access ---
     @property
@@ -322,6 +328,7 @@ class SimilarityMap:
             else {"low": _matrix_to_json(self.intervals[0]), "high": _matrix_to_json(self.intervals[1])},
             "interval_level": self.interval_level,
             "p_values": None if self.p_values is None else _matrix_to_json(self.p_values),
+            "q_values": None if self.q_values is None else _matrix_to_json(self.q_values),
             "extra": dict(self.extra),
         }
 
@@ -366,6 +373,7 @@ class SimilarityMap:
             intervals=intervals,
             interval_level=data.get("interval_level"),
             p_values=data.get("p_values"),
+            q_values=data.get("q_values"),
             extra=data.get("extra") or {},
         )
 

@@ -26,7 +26,7 @@ _X, _Y = torch.randn(20, 3), torch.randn(20, 2)
 ENTRIES: dict[str, tuple[Any, Callable[..., Any]]] = {
     "compare": (COMPARE_PARAMS, lambda **kw: rp.compare(_MODEL, None, _DATA, ["0"], **kw)),
     "compare_checkpoints": (
-        {k: v for k, v in COMPARE_PARAMS.items() if k != "names"},
+        {k: v for k, v in COMPARE_PARAMS.items() if k not in ("names", "permutations", "bootstrap")},
         lambda **kw: rp.compare_checkpoints(lambda: _MODEL, ["a.pt", "b.pt"], _DATA, **kw),
     ),
     "permutation_test": (

@@ -62,8 +62,8 @@ def check_matrix(X: Any, name: str = "X") -> torch.Tensor:
         )
     if X.shape[1] == 0:
         raise InputShapeError(f"{name} has shape {tuple(X.shape)}: it has no features.")
-    finite = torch.isfinite(X)
-    if not bool(finite.all()):
+    if X.numel() and _has_non_finite(X):
+        finite = torch.isfinite(X)
         bad_rows = (~finite).any(dim=1).nonzero().flatten()
         n_nan = int(torch.isnan(X).sum())
         n_inf = int(torch.isinf(X).sum())
@@ -73,6 +73,12 @@ def check_matrix(X: Any, name: str = "X") -> torch.Tensor:
             "in float16, a division by zero) or drop those samples from both inputs."
         )
     return X
+
+
+def _has_non_finite(X: torch.Tensor) -> bool:
+    """NaN or Inf anywhere shows in the extremes (min / max propagate NaN): one reduction, no (n, d) mask."""
+    low, high = torch.aminmax(X.detach())
+    return not bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def check_not_constant(X: torch.Tensor, name: str = "X") -> None:

@@ -38,6 +38,8 @@ COMPARE_PARAMS = {
     "max_batches": Optional(Int(minimum=1)),
     "seed": Optional(Int()),
     "fingerprint_data": Bool(),
+    "permutations": Optional(Int(minimum=1)),
+    "bootstrap": Optional(Int(minimum=2)),
     "estimator": Instance(str, "an estimator name (see ESTIMATOR_CHOICES)"),
     "names": Optional(
         Where(
@@ -155,6 +157,8 @@ def compare(
     fingerprint_data: bool = True,
     resume_from: str | Path | None = None,
     save_every: int | None = None,
+    permutations: int | None = None,
+    bootstrap: int | None = None,
 ) -> SimilarityMap:
     """Layer x layer similarity of two models (``model_b=None`` or the same object: a model with itself).
 
@@ -173,6 +177,12 @@ def compare(
     forward passes of the batches it counted (verified by fingerprint) and giving the map an uninterrupted run gives.
     ``result.extra["resumed_batches"]`` says how many batches came from the file. A file from other data, models,
     layers or settings is refused (:class:`~repsim_plugin.errors.ResumeStateError`). See :mod:`.resume`.
+
+    ``permutations=N`` fills ``result.p_values`` (one permutation test per cell, the same N permutations for every
+    cell, from the kept Grams: :func:`repsim_plugin.map_stats.map_permutation_test`) and ``result.q_values``
+    (Benjamini-Hochberg over the map); ``bootstrap=B`` fills ``result.intervals`` (95%, the same B row resamples
+    for every cell). Both need the sample-space estimator of linear CKA (chosen for you under ``estimator="auto"``);
+    ``seed`` (0 when None) seeds them and is recorded.
     """
     check_params(
         COMPARE_PARAMS,
@@ -182,11 +192,17 @@ def compare(
         fingerprint_data=fingerprint_data,
         estimator=estimator,
         names=names,
+        permutations=permutations,
+        bootstrap=bootstrap,
     )
     check_data(data)
     if data_b is not None:
         check_data(data_b, "data_b")
     m = make(measure)
+    with_stats = permutations is not None or bootstrap is not None
+    if with_stats:
+        estimator = stats_estimator(m, estimator)
+        seed = 0 if seed is None else seed
     capture_args = {"tokens": tokens, "spatial": spatial, "output": output, "device": device}
     labels = (
         (names[0], names[1]) if names else (f"{type(model_a).__name__} (a)", f"{type(model_b or model_a).__name__} (b)")
@@ -211,12 +227,54 @@ def compare(
         max_batches=max_batches,
         fingerprint_data=fingerprint_data,
         resume=resume,
+        keep_grams=with_stats,
     )
-    return _result(engine, pair, seed=seed, extra=_resumed(resume))
+    result = _result(engine, pair, seed=seed, extra=_resumed(resume))
+    if with_stats:
+        stats_seed = 0 if seed is None else seed
+        add_statistics(
+            result, engine.accumulators[pair], permutations=permutations, bootstrap=bootstrap, seed=stats_seed
+        )
+    return result
 
 
 def _resumed(resume: Any) -> dict[str, Any]:
     return {} if resume is None else {"resumed_batches": resume.resumed_batches}
+
+
+def stats_estimator(m: Measure, estimator: str) -> str:
+    """The estimator for a map with statistics: they are computed from the kept Grams (sample space)."""
+    if "sample_space" not in m.estimators:
+        raise RepsimError(
+            f"permutations= / bootstrap= on a map are computed from kept (n, n) Grams, which {m.id} does not "
+            "declare (only linear CKA, 'cka' / 'debiased_cka', does). Use a linear CKA measure, or "
+            "rp.stats.permutation_test / bootstrap_ci on captured activations of one layer pair."
+        )
+    if estimator not in ("auto", "sample_space"):
+        raise RepsimError(
+            f"permutations= / bootstrap= need estimator='sample_space' (the kept Grams), got estimator={estimator!r}."
+        )
+    return "sample_space"
+
+
+def add_statistics(
+    result: SimilarityMap, acc: Any, *, permutations: int | None, bootstrap: int | None, seed: int
+) -> None:
+    """Fill p-values, q-values and intervals of ``result`` from the Grams ``acc`` kept at compute()."""
+    from ..map_stats import benjamini_hochberg, map_bootstrap, map_permutation_test
+
+    KA, KB = acc.kept_grams
+    debiased = bool(acc.debiased)
+    if permutations is not None:
+        result.p_values, _ = map_permutation_test(KA, KB, permutations=permutations, seed=seed, debiased=debiased)
+        result.q_values = benjamini_hochberg(result.p_values)
+        result.extra["permutations"] = int(permutations)
+    if bootstrap is not None:
+        boot = map_bootstrap(KA, KB, result.values, bootstrap=bootstrap, seed=seed, debiased=debiased)
+        result.intervals = (boot.low, boot.high)
+        result.interval_level = boot.level
+        result.extra["bootstrap"] = int(bootstrap)
+    acc.kept_grams = None
 
 
 def _build_from_checkpoint(build_model: Callable[[], nn.Module], path: str | Path) -> nn.Module:

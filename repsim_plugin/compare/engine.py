@@ -129,6 +129,9 @@ class Engine:
         if self.plan.declaration.note:
             warn(self.plan.declaration.note, EstimatorChoiceWarning)
         self.accumulators = {pair: self.plan.build(same=pair.same) for pair in self.pairs}
+        if self.measure.mixed_fn is None and self.measure.dtype == torch.float64:
+            for acc in self.accumulators.values():  # an explicit dtype=torch.float64: no float32 products anywhere
+                acc.full_float64 = True
 
     def update(self) -> None:
         """Feed the current batch's rows to every pair's accumulator."""
@@ -243,6 +246,7 @@ def run(
     max_batches: int | None,
     fingerprint_data: bool = True,
     resume: Any = None,
+    keep_grams: bool = False,
 ) -> Engine:
     """Feed every batch through every side once, check the sides saw the same samples, update every pair.
 
@@ -261,6 +265,9 @@ def run(
         counts = _forward_all(engine, group, index)
         if index == 0:
             engine.start(_estimate_n(streams[0], max_batches, counts[sides[0].label]))
+            for acc in engine.accumulators.values():
+                if keep_grams:
+                    acc.keep_grams = True
         engine.update()
         if resume is not None:
             resume.counted(engine, group, index)

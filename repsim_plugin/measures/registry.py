@@ -99,6 +99,10 @@ class Measure:
     estimators: Mapping[str, Estimator] = field(default_factory=dict)
     #: bytes one call needs beyond its inputs, for (n, p) and (n, q) inputs; None: float64 copies of both
     working_memory: Callable[[int, int, int], int] | None = None
+    #: optional fast form for float32 / half inputs under the default compute dtype: it receives the validated
+    #: inputs in float32 (no float64 copies) and must form every sum in float64 itself (see measures/cka.py);
+    #: ``with_dtype(torch.float64)`` (or ``make(..., dtype=torch.float64)``) turns it off for full float64
+    mixed_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         self.dtype = _compute_dtype(self.dtype)
@@ -128,10 +132,18 @@ class Measure:
         return tuple(sorted(a for a, target in _REGISTRY.aliases.items() if target == self.id))
 
     def __call__(self, X: Any, Y: Any) -> torch.Tensor:
-        Xt, Yt = prepare_pair(X, Y, min_samples=self.min_samples, dtype=self.dtype)
+        fn = self.fn
+        if self.mixed_fn is not None and self.dtype == torch.float64:
+            Xt, Yt = prepare_pair(X, Y, min_samples=self.min_samples, dtype=None)
+            if Xt.dtype == torch.float32:
+                fn = self.mixed_fn
+            else:
+                Xt, Yt = Xt.to(torch.float64), Yt.to(torch.float64)
+        else:
+            Xt, Yt = prepare_pair(X, Y, min_samples=self.min_samples, dtype=self.dtype)
         if "isotropic_scaling" in self.invariances:  # scale-free: compute at unit scale, where nothing overflows
             Xt, Yt = unit_scale(Xt), unit_scale(Yt)
-        value = self.fn(Xt, Yt)
+        value = fn(Xt, Yt)
         if not bool(torch.isfinite(value.detach()).all()):
             raise DegenerateInputError(
                 f"{self.id} gave {float(value.detach().reshape(-1)[0])} for finite inputs of shapes "
@@ -156,8 +168,11 @@ class Measure:
         return 8 * n * (p + q)
 
     def with_dtype(self, dtype: torch.dtype | None) -> Measure:
-        """The same measure computed in another dtype (``None``: the inputs' own, at least float32)."""
-        return _copy(self, dtype=_compute_dtype(dtype))
+        """The same measure computed in another dtype (``None``: the inputs' own, at least float32).
+
+        An explicit dtype also turns off :attr:`mixed_fn`: ``with_dtype(torch.float64)`` is full float64 throughout.
+        """
+        return _copy(self, dtype=_compute_dtype(dtype), mixed_fn=None)
 
     def metadata(self) -> dict[str, Any]:
         """Plain-data description (for the CLI, README tables and results)."""

@@ -15,7 +15,17 @@ import torch
 from .._utils.checks import check_params
 from .._utils.inputs import check_matrix
 from ..errors import RepsimError, TooFewSamplesError
-from ..measures.kernels import KERNEL_PARAMS, KERNELS, cka_from_hsic, hsic_unbiased, hsic_unbiased_table, resolve_kernel
+from ..measures.kernels import (
+    KERNEL_PARAMS,
+    KERNELS,
+    MIXED_MIN_FLOPS,
+    cka_from_hsic,
+    hsic_unbiased,
+    hsic_unbiased_table,
+    resolve_kernel,
+    row_squares64,
+    symmetric_product,
+)
 from ._reductions import COUNT, SUM, SUM3
 from ._rows import F64, Acts, check_same_rows, label_a, label_b, label_x, label_y, order_like, ratio_table, self_hsic
 from .base import SAME, Accumulator, MapAccumulator, Maps
@@ -69,7 +79,32 @@ class _Kernel:
     def _grams(self, tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
         """Stacked (L, b, b) float64 Grams of one batch, one per layer."""
         gram = KERNELS[self.kernel]
-        return torch.stack([gram(t.detach().to(device, F64), **self.kernel_params) for t in tensors])
+        return torch.stack(
+            [
+                _linear_gram_mixed(t.detach().to(device))
+                if self.kernel == "linear" and not getattr(self, "full_float64", False) and _mixed(t)
+                else gram(t.detach().to(device, F64), **self.kernel_params)
+                for t in tensors
+            ]
+        )
+
+
+def _mixed(t: torch.Tensor) -> bool:
+    """Float32 / half rows of a batch large enough for float32 products to pay (see kernels.MIXED_MIN_FLOPS)."""
+    b, d = t.shape
+    return t.dtype in (torch.float32, torch.float16, torch.bfloat16) and b * b * d >= MIXED_MIN_FLOPS
+
+
+def _linear_gram_mixed(t: torch.Tensor) -> torch.Tensor:
+    """Linear Gram of a batch from float32 deviations (correctly rounded), exact diagonal, in float64.
+
+    The deviations are from the batch's float32 mean, not exactly centred: the unbiased HSIC that minibatch CKA
+    sums is exactly invariant to translating the rows, so that residue changes nothing but rounding (~1e-9).
+    """
+    X = t.to(torch.float32)
+    D = X - X.mean(0, keepdim=True)
+    G = symmetric_product(D).to(F64)
+    return G + torch.diag(row_squares64(D) - torch.diagonal(G))
 
 
 class MinibatchCKA(_Kernel, Accumulator):

@@ -13,7 +13,7 @@ import torch
 
 from .._utils.checks import Bool, check_params
 from ..errors import DegenerateInputError, TooFewSamplesError
-from ..measures.kernels import hsic_unbiased_table
+from ..measures.kernels import MIXED_MIN_FLOPS, center_gram, hsic_unbiased_table, row_squares64, symmetric_product
 from ._reductions import COUNT, ROWS
 from ._rows import (
     F64,
@@ -27,13 +27,14 @@ from ._rows import (
     order_like,
     ratio_table,
     self_hsic,
-    stacked,
     warn_bias,
 )
 from .base import SAME, MapAccumulator, Maps
 
 __all__ = ["SAMPLE_SPACE_PARAMS", "SampleSpaceCKAMap"]
 
+#: rows whose mean centres float32 rows before their product (see SampleSpaceCKAMap.grams)
+CENTRE_ROWS = 64
 SAMPLE_SPACE_PARAMS = {"debiased": Bool(), "same": SAME}
 
 
@@ -55,6 +56,11 @@ class SampleSpaceCKAMap(MapAccumulator):
         check_params(SAMPLE_SPACE_PARAMS, debiased=debiased, same=same)
         super().__init__(same=same, process_group=process_group)
         self.debiased = debiased
+        #: set to keep the (L, n, n) Grams of the last compute() in ``kept_grams`` (not part of the state)
+        self.keep_grams = False
+        #: set for full float64 Grams of float32 rows too (``make("cka", dtype=torch.float64)`` in compare)
+        self.full_float64 = False
+        self.kept_grams: tuple[torch.Tensor, torch.Tensor] | None = None
         self.add_state("n", 0, COUNT)
         self.add_state("_rows_a", None, ROWS, key="rows_a")
         self.add_state("_rows_b", None, ROWS, key="rows_b")
@@ -134,8 +140,10 @@ class SampleSpaceCKAMap(MapAccumulator):
             )
         la, lb = self._labels
         with torch.no_grad():
-            KA = self._grams(stacked(self._rows_a), la)
-            KB = KA if self._rows_b is None else self._grams(stacked(self._rows_b), lb)
+            KA = self.grams(self._rows_a, la)
+            KB = KA if self._rows_b is None else self.grams(self._rows_b, lb)
+            if self.keep_grams:  # for permutation tests / bootstrap on the map (repsim_plugin.map_stats)
+                self.kept_grams = (KA, KB)
             if self.debiased:
                 xy = hsic_unbiased_table(KA, KB, symmetric=True)
                 xx = torch.diagonal(xy) if self.same else self_hsic(KA)
@@ -150,15 +158,46 @@ class SampleSpaceCKAMap(MapAccumulator):
             names_b = (self.layers_b, la if self.same else lb)
             return ratio_table(xy, xx, yy, [(self.layers_a, la), names_b])
 
-    def _grams(self, acts: dict[str, torch.Tensor], label: Label) -> torch.Tensor:
-        """Stacked (L, n, n) float64 Grams of the centered rows of each layer."""
-        Ks = []
-        for name, X in acts.items():
-            X64 = X.to(F64)
-            if bool((X64.amax(0) == X64.amin(0)).all()):
-                raise DegenerateInputError(
-                    f"{label(name)} has zero variance over all {self.n} samples, so CKA is undefined."
-                )
+    def grams(self, store: Rows, label: Label) -> torch.Tensor:
+        """Stacked (L, n, n) float64 Grams of the centred rows of each layer (kept for permutations / bootstrap).
+
+        Float32 rows of a large problem (n^2 d >= ``MIXED_MIN_FLOPS``) take one float32 product of deviations
+        formed exactly (as :func:`~repsim_plugin.measures.kernels.gram_fixed`: within a few 1e-8 of float64, half the
+        multiply-adds of a full GEMM); float64 rows and small problems are centred and multiplied in float64.
+        The same rows give the same bits however they were batched, merged or gathered.
+        """
+        return torch.stack([self._gram(batches, label(name)) for name, batches in store.items()])
+
+    def _gram(self, batches: list[torch.Tensor], name: str) -> torch.Tensor:
+        n, d = sum(int(b.shape[0]) for b in batches), int(batches[0].shape[1])
+        if self.full_float64 or batches[0].dtype == F64 or n * n * d < MIXED_MIN_FLOPS:
+            X64 = torch.cat([b.to(F64) for b in batches])
+            self._check_varies(X64, name)
             Xc = X64 - X64.mean(0, keepdim=True)
-            Ks.append(Xc @ Xc.T)
-        return torch.stack(Ks)
+            return Xc @ Xc.T
+        # float32 deviations from a float32 centre near the mean (each one correctly rounded, so a common offset
+        # cancels exactly), one float32 product, its diagonal exact, double-centred in float64: H D D^T H = X~ X~^T
+        # the centre: the mean of the first CENTRE_ROWS rows (however they were batched, merged or gathered, the
+        # same rows give the same bits); it need only be near the mean, the double-centring below is exact
+        head, kept = [], 0
+        for b in batches:
+            head.append(b[: CENTRE_ROWS - kept].to(torch.float32))
+            kept += head[-1].shape[0]
+            if kept >= CENTRE_ROWS:
+                break
+        centre = torch.cat(head).mean(0)
+        D = torch.empty((n, d), dtype=torch.float32, device=batches[0].device)
+        start = 0
+        for b in batches:
+            torch.sub(b.to(torch.float32), centre, out=D[start : start + b.shape[0]])
+            start += b.shape[0]
+        rows = row_squares64(D)
+        if float(rows.max()) <= 1e-6 * (float(centre.abs().max()) ** 2 + 1e-30):  # nearly constant: be exact
+            self._check_varies(torch.cat(batches), name)
+        G = symmetric_product(D).to(F64)
+        G = G + torch.diag(rows - torch.diagonal(G))
+        return center_gram(G)
+
+    def _check_varies(self, X: torch.Tensor, name: str) -> None:
+        if bool((X.amax(0) == X.amin(0)).all()):
+            raise DegenerateInputError(f"{name} has zero variance over all {self.n} samples, so CKA is undefined.")

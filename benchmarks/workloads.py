@@ -1,0 +1,383 @@
+"""The four workloads of the performance issue, ours against the GEMM bound and against the peer libraries.
+
+W1  linear CKA of X (10000 x 2048) vs Y (10000 x 1024), float32 input: the GEMM bound (Xc^T Yc, Xc^T Xc, Yc^T Yc
+    in float32), ours (biased, debiased, full float64) and the peers that take matrices; values against float64.
+W2  8 x 8 block map of two timm resnet18 (zero_init_last=False, seeds 0 / 1), 1024 random 3x64x64 images in
+    batches of 128: forward passes alone, ours (default exact, minibatch, spatial="mean") and the peers' maps; time,
+    overhead over the forward, peak RSS, max difference from the exact float64 map. One fresh process per run.
+W3  rp.streaming.LinearCKA over n rows (d = 256, batches of 10k): time and peak RSS per n, one process each.
+W4  permutation test of linear CKA (n = 2000, d = 512, 1000 permutations) against its GEMM bound.
+
+Timings are medians of interleaved rounds in one run (the machine may be shared): compare ratios, not seconds.
+Peers come from the optional ``bench`` extra (``pip install -e ".[bench]"``); a peer that cannot be imported or
+run is listed with the reason. ``--quick`` shrinks every size (seconds in all; the test suite smoke-runs it).
+
+Run: ``python benchmarks/workloads.py [--quick] [--only W1,W2] [--rounds 3] [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+warnings.simplefilter("ignore")
+PEERS = {"pytorch-cka": "cka", "ckatorch": "ckatorch", "torch-cka": "torch_cka", "cka-pytorch": "cka_pytorch"}
+
+
+def _peer(name: str) -> Any:
+    import importlib
+
+    return importlib.import_module(PEERS[name])
+
+
+def _median_times(fns: dict[str, Callable[[], Any]], rounds: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Interleaved rounds (one warm-up first); a function that raises is reported, not timed."""
+    values, errors = {}, {}
+    for name, fn in list(fns.items()):
+        try:
+            values[name] = fn()
+        except Exception as exc:
+            errors[name] = f"{type(exc).__name__}: {str(exc)[:120]}"
+            fns.pop(name)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}, {"values": values, "errors": errors}
+
+
+# --- W1 ----------------------------------------------------------------------------------------------------------
+
+
+def w1(quick: bool, rounds: int) -> dict[str, Any]:
+    import repsim_plugin as rp
+
+    n, p, q = (1500, 256, 160) if quick else (10000, 2048, 1024)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, p, generator=g)
+    Y = X[:, :q] @ torch.randn(q, q, generator=g) / q**0.5 + torch.randn(n, q, generator=g)
+    Xc, Yc = X - X.mean(0), Y - Y.mean(0)
+    cka, dcka = rp.measures.make("cka"), rp.measures.make("debiased_cka")
+    full = rp.measures.make("cka", dtype=torch.float64)
+    fns: dict[str, Callable[[], Any]] = {
+        "GEMM bound (3 float32 products)": lambda: (Xc.T @ Yc, Xc.T @ Xc, Yc.T @ Yc),
+        "ours cka": lambda: float(cka(X, Y)),
+        "ours debiased_cka": lambda: float(dcka(X, Y)),
+        "ours cka dtype=float64": lambda: float(full(X, Y)),
+    }
+    missing = {}
+    for peer, call in {
+        "pytorch-cka": lambda m: float(m.cka_from_features(X, Y)),
+        "ckatorch": lambda m: float(m.cka_base(X, Y)),
+        "torch-cka": None,
+        "cka-pytorch": None,
+    }.items():
+        try:
+            module = _peer(peer)
+        except Exception as exc:
+            missing[peer] = f"not installed ({type(exc).__name__})"
+            continue
+        if call is None:
+            missing[peer] = "has no function on matrices (model hooks only)"
+            continue
+        fns[peer] = lambda call=call, module=module: call(module)
+    times, info = _median_times(fns, rounds)
+    X64, Y64 = X.double(), Y.double()
+    exact = float(rp.measures.cka.linear_cka(X64, Y64))
+    exact_d = float(rp.measures.cka.linear_cka(X64, Y64, debiased=True))
+    bound = times["GEMM bound (3 float32 products)"]
+    rows = []
+    for name, seconds in times.items():
+        value = info["values"].get(name)
+        # pytorch-cka's cka_from_features uses the unbiased HSIC (it matches debiased CKA, not CKA)
+        reference = exact_d if ("debiased" in name or name == "pytorch-cka") else exact
+        rows.append(
+            {
+                "name": name,
+                "seconds": seconds,
+                "x_bound": seconds / bound,
+                "value": value if isinstance(value, float) else None,
+                "abs_error_vs_float64": abs(value - reference) if isinstance(value, float) else None,
+            }
+        )
+    fastest_peer = min((times[k] for k in PEERS if k in times), default=None)
+    return {
+        "workload": "W1",
+        "shape": [n, p, q],
+        "rows": rows,
+        "speedup_vs_fastest_peer": None if fastest_peer is None else fastest_peer / times["ours cka"],
+        "not_run": {**missing, **info["errors"]},
+    }
+
+
+# --- W2 ----------------------------------------------------------------------------------------------------------
+
+W2_LAYERS = ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0", "layer4.1"]
+W2_CONFIGS = [
+    "forward only",
+    "ours default (cka, exact, spatial=flatten)",
+    "ours debiased_cka estimator=minibatch",
+    "ours cka spatial=mean",
+    "ours exact float64 (reference)",
+    "pytorch-cka",
+    "torch-cka",
+    "cka-pytorch",
+    "ckatorch",
+]
+
+
+def _w2_child(config: str, quick: bool) -> dict[str, Any]:
+    import timm
+
+    import repsim_plugin as rp
+
+    n_images, size = (128, 32) if quick else (1024, 64)
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(timm.create_model("resnet18", pretrained=False, num_classes=10, zero_init_last=False).eval())
+    a, b = models
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(min(128, n_images), 3, size, size, generator=g) for _ in range(max(1, n_images // 128))]
+    if quick:
+        data = [x[:64] for x in data] + [x[64:] for x in data]
+    images = torch.cat(data)
+    labelled = torch.utils.data.TensorDataset(images, torch.zeros(len(images), dtype=torch.long))
+    loader = torch.utils.data.DataLoader(labelled, batch_size=data[0].shape[0])
+    bare = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=data[0].shape[0])
+    with torch.no_grad():
+        a(data[0][:4])
+        b(data[0][:4])
+
+    def run() -> Any:
+        if config == "forward only":
+            with torch.no_grad():
+                for x in data:
+                    a(x)
+                    b(x)
+            return None
+        if config.startswith("ours"):
+            kw: dict[str, Any] = {}
+            if "minibatch" in config:
+                kw = {"measure": "debiased_cka", "estimator": "minibatch"}
+            elif "mean" in config:
+                kw = {"spatial": "mean"}
+            elif "float64" in config:
+                kw = {"measure": rp.measures.make("cka", dtype=torch.float64)}
+            return rp.compare(a, b, data, W2_LAYERS, W2_LAYERS, progress=False, **kw).values
+        if config == "pytorch-cka":
+            return _peer(config).compute_cka(a, b, loader, layers=W2_LAYERS, model2_layers=W2_LAYERS, progress=False)[0]
+        if config == "torch-cka":
+            c = _peer(config).CKA(a, b, model1_layers=W2_LAYERS, model2_layers=W2_LAYERS, device="cpu")
+            c.compare(loader)
+            return c.export()["CKA"]
+        if config == "cka-pytorch":
+            calc = _peer(config).CKACalculator(a, b, W2_LAYERS, W2_LAYERS, verbose=False, hook_recursive=False)
+            return calc.calculate_cka_matrix(loader, num_epochs=1)
+        if config == "ckatorch":
+            return _peer(config).CKA(a, b, W2_LAYERS, W2_LAYERS)(bare, epochs=1)
+        raise ValueError(config)
+
+    start = time.perf_counter()
+    values = run()
+    seconds = time.perf_counter() - start
+    out = {
+        "config": config,
+        "seconds": seconds,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    out["values"] = None if values is None else torch.as_tensor(values, dtype=torch.float64).tolist()
+    return out
+
+
+def _child(workload: str, config: str, quick: bool) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", workload, "--config", config] + (["--quick"] if quick else [])
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {"config": config, "error": (done.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def w2(quick: bool, rounds: int, configs: list[str] | None = None) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in (configs or W2_CONFIGS)}
+    for _ in range(rounds):  # interleaved: every configuration once per round, each in a fresh process
+        for config in runs:
+            runs[config].append(_child("W2", config, quick))
+            print(json.dumps({k: v for k, v in runs[config][-1].items() if k != "values"}), file=sys.stderr, flush=True)
+    not_run = {c: r[0]["error"] for c, r in runs.items() if "error" in r[0]}
+    ok = {c: r for c, r in runs.items() if c not in not_run}
+    median = {c: statistics.median(x["seconds"] for x in r) for c, r in ok.items()}
+    reference = ok.get("ours exact float64 (reference)", [{}])[0].get("values")
+    forward = median.get("forward only")
+    rows = []
+    for config, r in ok.items():
+        values = r[0].get("values")
+        diff = None
+        if values is not None and reference is not None:
+            got, ref = torch.tensor(values), torch.tensor(reference)
+            diff = float((got - ref).abs().max()) if got.shape == ref.shape else None
+            if diff is None:
+                not_run[config] = f"its map has shape {tuple(got.shape)}, not {tuple(ref.shape)} (timed, not compared)"
+        rows.append(
+            {
+                "name": config,
+                "seconds": median[config],
+                "overhead_over_forward": None if forward is None else median[config] / forward - 1,
+                "peak_rss_mib": max(x["peak_rss_mib"] for x in r),
+                "max_abs_diff_vs_exact_float64": diff,
+            }
+        )
+    peer = median.get("pytorch-cka")
+    ours = median.get("ours default (cka, exact, spatial=flatten)")
+    return {
+        "workload": "W2",
+        "rows": rows,
+        "ours_default_vs_pytorch_cka": None if not (peer and ours) else ours / peer,
+        "not_run": not_run,
+    }
+
+
+# --- W3 ----------------------------------------------------------------------------------------------------------
+
+
+def _w3_child(n: int) -> dict[str, Any]:
+    import repsim_plugin as rp
+
+    d, batch = 256, 10000
+    acc = rp.streaming.LinearCKA()
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(d, d, generator=g) / d**0.5
+    start = time.perf_counter()
+    for i in range(0, n, batch):
+        X = torch.randn(min(batch, n - i), d, generator=g)
+        acc.update(X, X @ W + 0.5 * torch.randn(X.shape, generator=g))
+    value = float(acc.compute())
+    seconds = time.perf_counter() - start
+    return {
+        "config": str(n),
+        "n": n,
+        "seconds": seconds,
+        "value": value,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def w3(quick: bool, rounds: int) -> dict[str, Any]:
+    sizes = [20000, 50000] if quick else [10000, 20000, 100000, 1000000]
+    rows = [_child("W3", str(n), quick) for n in sizes]
+    rows = [r for r in rows if "error" not in r]
+    base = next((r for r in rows if r["n"] == 20000), rows[0] if rows else None)
+    for r in rows:
+        r["seconds_per_million_rows"] = r["seconds"] / r["n"] * 1e6
+        r["rss_vs_20k"] = None if base is None else r["peak_rss_mib"] / base["peak_rss_mib"]
+    return {"workload": "W3", "rows": rows, "not_run": {}}
+
+
+# --- W4 ----------------------------------------------------------------------------------------------------------
+
+
+def w4(quick: bool, rounds: int) -> dict[str, Any]:
+    import repsim_plugin as rp
+
+    n, d, perms = (300, 64, 50) if quick else (2000, 512, 1000)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    Y = X @ torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5 + torch.randn(
+        n, d, generator=g, dtype=torch.float64
+    )
+    Xc, Yc = X - X.mean(0), Y - Y.mean(0)
+    index = torch.randperm(n, generator=g)
+    fns = {
+        "GEMM bound (one float64 X~^T P Y~ per permutation)": lambda: [Xc.T @ Yc[index] for _ in range(perms)],
+        "ours rp.stats.permutation_test": lambda: rp.stats.permutation_test("cka", X, Y, n_permutations=perms),
+    }
+    times, info = _median_times(fns, max(1, rounds - 1))
+    bound = times["GEMM bound (one float64 X~^T P Y~ per permutation)"]
+    rows = [{"name": k, "seconds": v, "x_bound": v / bound} for k, v in times.items()]
+    return {"workload": "W4", "shape": [n, d, perms], "rows": rows, "not_run": info["errors"]}
+
+
+# --- report ----------------------------------------------------------------------------------------------------------
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+    lines = [f"### {result['workload']}" + (f" {result.get('shape')}" if result.get("shape") else "")]
+    if rows:
+        keys = [k for k in rows[0] if k not in ("values",)]
+        lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        for r in rows:
+            cells = []
+            for k in keys:
+                v = r.get(k)
+                cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
+            lines.append("| " + " | ".join(cells) + " |")
+    for key in ("speedup_vs_fastest_peer", "ours_default_vs_pytorch_cka"):
+        if result.get(key) is not None:
+            lines.append(f"\n{key}: {result[key]:.3g}")
+    for peer, why in result.get("not_run", {}).items():
+        lines.append(f"- not run: {peer}: {why}")
+    return "\n".join(lines) + "\n"
+
+
+WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4}
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: seconds in all (smoke test)")
+    parser.add_argument("--only", default="W1,W2,W3,W4", help="comma-separated workloads")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
+    parser.add_argument("--json", help="write every result here")
+    parser.add_argument("--markdown", help="write the tables here")
+    parser.add_argument("--w2-configs", help="W2 only: semicolon-separated configurations (default: all)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        out = _w2_child(args.config, args.quick) if args.child == "W2" else _w3_child(int(args.config))
+        print(json.dumps(out))
+        return 0
+    configs = args.w2_configs.split(";") if args.w2_configs else None
+    results = [
+        w2(args.quick, args.rounds, configs) if w == "W2" else WORKLOADS[w](args.quick, args.rounds)
+        for w in args.only.split(",")
+    ]
+    text = "\n".join(markdown(r) for r in results)
+    print(text)
+    doc = {"environment": environment(), "quick": args.quick, "rounds": args.rounds, "results": results}
+    from repsim_plugin._utils.io import atomic_write
+
+    if args.json:
+        atomic_write(args.json, lambda f: f.write(json.dumps(doc, indent=1)))
+    if args.markdown:
+        page = f"# Benchmarks\n\nenvironment: {json.dumps(doc['environment'])}\n\n{text}"
+        atomic_write(args.markdown, lambda f: f.write(page))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

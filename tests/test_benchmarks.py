@@ -1,0 +1,31 @@
+"""``make bench`` in its quick mode: the workloads run and write markdown + JSON (timings are never asserted)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_writes_markdown_and_json(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import workloads
+    finally:
+        sys.path.pop(0)
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    argv = ["--quick", "--rounds", "1", "--only", "W1,W4", "--json", str(out_json), "--markdown", str(out_md)]
+    assert workloads.main(argv) == 0
+    doc = json.loads(out_json.read_text())
+    w1, w4 = doc["results"]
+    names = {r["name"]: r for r in w1["rows"]}
+    assert names["ours cka"]["abs_error_vs_float64"] < 1e-8
+    assert names["ours debiased_cka"]["abs_error_vs_float64"] < 1e-8
+    assert names["GEMM bound (3 float32 products)"]["x_bound"] == 1.0
+    assert set(workloads.PEERS) <= set(names) | set(w1["not_run"])  # every peer is run or says why not
+    assert {r["name"] for r in w4["rows"]} >= {"ours rp.stats.permutation_test"}
+    text = out_md.read_text()
+    assert "### W1" in text and "### W4" in text and "| ours cka |" in text
+    assert "not run: x: why" in workloads.markdown({"workload": "W3", "rows": [], "not_run": {"x": "why"}})
