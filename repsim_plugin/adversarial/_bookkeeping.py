@@ -86,21 +86,34 @@ class Fidelity:
             score, threshold = o.cosine, 1.0 - self.tolerance
         return score >= threshold - 1e-12
 
+    def score(self, e: Evaluation) -> float:
+        """How close the outputs are to the original's (higher is closer): agreement (+ accuracy), or cosine."""
+        o = e.outputs
+        if self.criterion in ("agreement", "agreement+accuracy", "accuracy") and o.agreement is not None:
+            return o.agreement + (o.accuracy if o.accuracy is not None else 0.0)
+        return o.cosine
+
 
 class BestState:
-    """``keep="best"``: the evaluated state closest to the target among those that kept the outputs (step 0 counts)."""
+    """``keep="best"``: the evaluated state closest to the target among those that kept the outputs (step 0 counts).
 
-    def __init__(self, source: nn.Module, distance: float, before: Evaluation) -> None:
-        self.source = source
+    Distances within ``band`` of the target count as equal; among those states the one whose outputs are closest
+    to the original's (``Fidelity.score``) wins: once the target is reached, further steps may only repair outputs.
+    """
+
+    def __init__(self, source: nn.Module, distance: float, before: Evaluation, band: float = 0.0) -> None:
+        self.source, self.band = source, band
         self.distance, self.step, self.evaluation = distance, 0, before
+        self.key: tuple[float, float] = (max(distance, band), 0.0)
         self.state = self._snapshot()
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.source.state_dict().items()}
 
-    def offer(self, step: int, e: Evaluation, distance: float) -> None:
-        if distance < self.distance:
-            self.distance, self.step, self.evaluation = distance, step, e
+    def offer(self, step: int, e: Evaluation, distance: float, score: float = 0.0) -> None:
+        key = (max(distance, self.band), -score)
+        if key < self.key:
+            self.key, self.distance, self.step, self.evaluation = key, distance, step, e
             self.state = self._snapshot()
 
     def restore(self) -> tuple[int, Evaluation]:

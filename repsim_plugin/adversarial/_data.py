@@ -139,7 +139,13 @@ def _pooled(split: list[tuple[Any, torch.Tensor | None]], what: str) -> list[Chu
 
 
 def as_chunks(data: Any, adapter: Adapter, labels: Any, what: str) -> list[Chunk]:
-    """Normalise ``data`` to chunks of indexable samples (one chunk when the batches can be concatenated)."""
+    """Normalise ``data`` to chunks of indexable samples (one chunk when the batches can be concatenated).
+
+    Chunks already made (a list of :class:`Chunk`, as the audit passes its split data to ``shift``) are copied."""
+    if isinstance(data, list) and data and all(isinstance(c, Chunk) for c in data):
+        if labels is not None:
+            raise RepsimError(f"{what} is already split into chunks with their labels; labels= does not apply.")
+        return [Chunk(c.inputs, c.labels, c.n) for c in data]
     chunks = _pooled(_split(_batches(data, what), adapter, what), what)
     total = sum(c.n for c in chunks)
     if labels is not None:

@@ -81,6 +81,8 @@ class ShiftResult:
     #: evaluation before): the estimator ``objective`` names, next to ``measure_after`` (the full-data measure).
     minibatch_estimate: float | None = None
     mixup: float = 0.0
+    #: The learning rate used (``lr=None`` resolved by the number of trainable parameters).
+    lr: float = 0.0
     #: The evaluated state closest to the target whether or not it kept the outputs (distance, step, checks).
     closest: dict[str, Any] = field(default_factory=dict, repr=False)
     #: Evaluation rows (CPU, float32): "before" / "after" of the layer and "reference"; not part of to_dict().
@@ -157,6 +159,7 @@ class ShiftResult:
             "steps_run": self.steps_run,
             "minibatch_estimate": self.minibatch_estimate,
             "mixup": self.mixup,
+            "lr": self.lr,
             "closest": dict(self.closest),
             "seconds": self.seconds,
             "seed": self.seed,

@@ -29,6 +29,7 @@ the global random state is left as it was.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
@@ -96,9 +97,23 @@ EVALUATIONS = 30
 #: ``target_tolerance`` of the target: the evaluation data are a sample, so stopping a little inside the tolerance
 #: leaves room for the difference between them and other data.
 STOP_FRACTION = 0.5
+#: After the first evaluation that reached the target with outputs kept, ``stop_when_reached`` runs on for
+#: this many evaluations (at least this fraction of the budget), keeping the state with the closest outputs
+#: among those that stay within the band: the steps after reaching the target repair the outputs.
+POLISH_EVALUATIONS, POLISH_FRACTION = 5, 0.1
 #: ``steps=None``: this many passes over the training data, within [AUTO_STEPS_MIN, AUTO_STEPS_MAX] steps.
 AUTO_EPOCHS = 150
 AUTO_STEPS_MIN, AUTO_STEPS_MAX = 300, 3000
+
+
+#: ``lr=None``: the AdamW learning rate by the number of trainable parameters (AdamW moves every weight by about
+#: lr per step, which a large pretrained network does not survive): (at most this many, lr).
+AUTO_LR: tuple[tuple[float, float], ...] = ((1e6, 1e-2), (1e7, 1e-3), (math.inf, 1e-4))
+
+
+def auto_lr(n_params: int) -> float:
+    """The default learning rate for a model with ``n_params`` trainable parameters (see :data:`AUTO_LR`)."""
+    return next(lr for bound, lr in AUTO_LR if n_params <= bound)
 
 
 def auto_steps(n_train: int, batch_size: int) -> int:
@@ -116,7 +131,7 @@ SHIFT_PARAMS = {
     "keep": Choice(KEEP),
     "steps": Optional(Int(minimum=0)),
     "batch_size": Int(minimum=MIN_BATCH),
-    "lr": Float(positive=True),
+    "lr": Optional(Float(positive=True)),
     "temperature": Float(positive=True),
     "lambda_init": Float(positive=True),
     "tolerance": Float(minimum=0),
@@ -152,7 +167,7 @@ class ShiftConfig:
     keep: str = "best"
     steps: int | None = None
     batch_size: int = 128
-    lr: float = 3e-3
+    lr: float | None = None
     temperature: float = 1.0
     lambda_init: float = 500.0
     tolerance: float = 0.02
@@ -415,11 +430,13 @@ class Shifter:
         lam = LambdaSchedule(cfg.lambda_init)
         fidelity = Fidelity(self.criterion, cfg.tolerance, before.outputs)
         self.history.record(0, before, lam.value, True, {})
-        best = BestState(
-            self.perturbation if self.perturbation is not None else self.student, self.target.distance(before), before
-        )
+        band = STOP_FRACTION * cfg.target_tolerance
+        source = self.perturbation if self.perturbation is not None else self.student
+        best = BestState(source, self.target.distance(before), before, band)
+        polish_until: int | None = None
         self.closest = (self.target.distance(before), 0, before)  # closest evaluated state, outputs kept or not
-        optimizer = torch.optim.AdamW(self._params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.lr = cfg.lr if cfg.lr is not None else auto_lr(sum(p.numel() for p in self._params))
+        optimizer = torch.optim.AdamW(self._params, lr=self.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(self.steps, cfg.warmup))
         every = self._eval_every()
         batches = minibatches(self.chunks, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
@@ -446,10 +463,12 @@ class Shifter:
                 if distance < self.closest[0]:
                     self.closest = (distance, step, last)
                 if kept:
-                    best.offer(step, last, distance)
-                    if cfg.stop_when_reached and distance <= STOP_FRACTION * cfg.target_tolerance:
-                        self.stopped_at = step
-                        break
+                    best.offer(step, last, distance, fidelity.score(last))
+                    if cfg.stop_when_reached and distance <= band and polish_until is None:
+                        polish_until = step + max(POLISH_EVALUATIONS * every, round(POLISH_FRACTION * self.steps))
+                if polish_until is not None and step >= polish_until:
+                    self.stopped_at = step
+                    break
         finally:
             bar.close()
         final_step, final = best.restore() if cfg.keep == "best" else (step, last)
@@ -509,7 +528,7 @@ class Shifter:
             reached=self.target.distance(final) <= cfg.target_tolerance + 1e-12, evaluated_on=self.evaluated_on,
             held_out_indices=None if self.held_out_index is None else self.held_out_index.tolist(),
             stopped_at=self.stopped_at, steps_run=self.history[-1]["step"] if self.history else 0,
-            minibatch_estimate=self._minibatch_estimate(final_step), mixup=cfg.mixup,
+            minibatch_estimate=self._minibatch_estimate(final_step), mixup=cfg.mixup, lr=self.lr,
             closest={"distance": self.closest[0], "step": self.closest[1], **_checks(self.closest[2])},
             **self.target.result_fields(before, final),
         )  # fmt: skip
@@ -565,7 +584,7 @@ def shift(
     preserve: str = "kl",
     tolerance: float = 0.02,
     steps: int | None = None,
-    lr: float = 3e-3,
+    lr: float | None = None,
     batch_size: int = 128,
     temperature: float = 1.0,
     lambda_init: float = 500.0,
@@ -614,7 +633,9 @@ def shift(
             cosine >= 1 - tolerance).
         steps: the step budget; None: :data:`AUTO_EPOCHS` passes over the training data, within
             [:data:`AUTO_STEPS_MIN`, :data:`AUTO_STEPS_MAX`] (see :func:`auto_steps`).
-        lr, batch_size, temperature, lambda_init: the optimisation (AdamW, cosine schedule, gradient clipping at
+        lr: AdamW's learning rate; None: by the number of trainable parameters (:func:`auto_lr`: 1e-2 up to 1M,
+            1e-3 up to 10M, else 1e-4).
+        batch_size, temperature, lambda_init: the optimisation (AdamW, cosine schedule, gradient clipping at
             ``max_grad_norm``; distillation at ``temperature``: 1 keeps held-out predictions better than the
             paper's 0.1 on digits).
         eval_data: held-out inputs for the evaluations, early stopping, ``keep="best"`` and every reported number.
