@@ -179,6 +179,7 @@ class ProgressBar:
         else:
             self.shown["cos"] = f"{o.cosine:.3f}"
         self.shown["kept"] = "yes" if kept else "no"
+        self.bar.set_postfix(self.shown)  # an evaluation is worth a refresh
 
     def close(self) -> None:
         if self.bar is not None:

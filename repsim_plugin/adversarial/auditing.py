@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .._utils.batches import model_device, to_device, train_flags_kept
-from .._utils.checks import Instance, Int, Where, check_one, check_params
+from .._utils.checks import Instance, Int, Optional, Where, check_one, check_params
 from ..adapters import for_model
 from ..errors import DegenerateInputError, RepsimError
 from ..measures import Measure, make
@@ -76,7 +76,7 @@ AUDIT_PARAMS = {
     "model_b": Instance(nn.Module, "a torch.nn.Module"),
     "layer_a": Where(_layer_name, "a layer name", bad=("", 3, None)),
     "layer_b": Where(_layer_name, "a layer name", bad=("", 3, None)),
-    "steps": Int(minimum=0),
+    "steps": Optional(Int(minimum=0)),
     "targets": Where(_pair, "a (low, high) pair", bad=((0.0,), (0.0, 0.5, 1.0), 3)),
 }
 
@@ -220,10 +220,10 @@ def audit(
     data: Any,
     *,
     measures: Sequence[str | Measure] = DEFAULT_MEASURES,
-    tolerance: float = 0.01,
+    tolerance: float = 0.015,
     claim_measure: str = "cka",
     targets: tuple[float, float] = (0.0, 1.0),
-    steps: int = 300,
+    steps: int | None = None,
     eval_data: Any = None,
     labels: Any = None,
     eval_labels: Any = None,
@@ -246,7 +246,8 @@ def audit(
             absent); a measure that fails on some representation is shown as n/a, with the reason in the notes.
         tolerance: outputs count as kept while top-1 agreement with the original A stays >= 1 - tolerance
             (classifiers) or the mean output cosine >= 1 - tolerance (encoders without logits).
-        targets: the low and high targets of the two fine-tuning runs; ``steps=0`` skips fine-tuning.
+        targets: the low and high targets of the two fine-tuning runs; ``steps=0`` skips fine-tuning, None is
+            :func:`shift`'s budget from the data size (each run stops once its target is reached).
         labels / eval_labels: class labels; the subset translation moves one class (else A's predicted class).
         stress_target: the CKA the subset translation and the outlier are scaled to reach (when reachable).
         names: labels of the two models in the report.
@@ -303,7 +304,7 @@ def audit(
             **options,
         )
         for label, target in zip(("low", "high"), targets, strict=True)
-        if steps > 0
+        if steps != 0
     ]  # fmt: skip
     bar = _bar(progress, len(runs) + 1)
     for run in runs:

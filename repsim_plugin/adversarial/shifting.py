@@ -170,7 +170,7 @@ class ShiftConfig:
     lr: float | None = None
     temperature: float = 1.0
     lambda_init: float = 500.0
-    tolerance: float = 0.02
+    tolerance: float = 0.015
     max_grad_norm: float = 1.0
     weight_decay: float = 0.01
     warmup: float = 0.0
@@ -582,7 +582,7 @@ def shift(
     reference: Any = None,
     measure: str | Measure = "cka",
     preserve: str = "kl",
-    tolerance: float = 0.02,
+    tolerance: float = 0.015,
     steps: int | None = None,
     lr: float | None = None,
     batch_size: int = 128,
@@ -629,7 +629,7 @@ def shift(
         preserve: ``"kl"`` (distillation at ``temperature``), ``"ce"`` (hard labels), ``"embedding"`` (1 -
             cosine of the outputs; mean-pooled token states for a bare encoder), ``"mse"``.
         tolerance: outputs count as kept while the criterion stays within this of the original (agreement >=
-            1 - tolerance; accuracy at most ``tolerance`` below the original's: 0.02 is two points; mean output
+            1 - tolerance; accuracy at most ``tolerance`` below the original's: 0.015 is 1.5 points; mean output
             cosine >= 1 - tolerance).
         steps: the step budget; None: :data:`AUTO_EPOCHS` passes over the training data, within
             [:data:`AUTO_STEPS_MIN`, :data:`AUTO_STEPS_MAX`] (see :func:`auto_steps`).
