@@ -14,7 +14,8 @@ original constrains what the model outputs. The objective is the paper's (see :m
 * ``preservation`` is the distillation KL between ``softmax(teacher / T)`` and ``softmax(student / T)``
   (``preserve="kl"``), cross-entropy on hard labels (``"ce"``), or, for models without logits such as a bare
   sentence encoder, ``1 - cosine`` (``"embedding"``) or relative squared error (``"mse"``) of the outputs.
-* ``lambda`` starts at ``lambda_init`` (500); at every evaluation on held-out data it is multiplied by 0.8 when
+* ``lambda`` starts at ``lambda_init`` (10: the paper's 500 goes with T = 0.1, whose KL is about 1/T^2 = 100
+  times the KL at the default T = 1); at every evaluation on held-out data it is multiplied by 0.8 when
   the outputs are not kept (accuracy, or top-1 agreement with the original, or output cosine fell more than
   ``tolerance`` below the original), else divided by 0.8. AdamW, cosine learning-rate schedule, gradient
   clipping at 1.0.
@@ -169,7 +170,7 @@ class ShiftConfig:
     batch_size: int = 128
     lr: float | None = None
     temperature: float = 1.0
-    lambda_init: float = 500.0
+    lambda_init: float = 10.0
     tolerance: float = 0.015
     max_grad_norm: float = 1.0
     weight_decay: float = 0.01
@@ -587,7 +588,7 @@ def shift(
     lr: float | None = None,
     batch_size: int = 128,
     temperature: float = 1.0,
-    lambda_init: float = 500.0,
+    lambda_init: float = 10.0,
     eval_data: Any = None,
     labels: Any = None,
     seed: int = 0,
