@@ -93,6 +93,8 @@ def test_audit_without_eval_data_evaluates_on_a_held_out_part_and_marks_runs_tha
     assert ("optimiser's own estimate" in low.description) == (report.shifts["toward 0"].best_step > 0)
     text = report.to_markdown()
     assert "120 held-out samples" in text and "not reached" in text
+    row = next(line for line in text.splitlines() if line.startswith("| toward 0 |"))
+    assert "(120)" in row and "**no**" in row  # the held-out n and "reached: no" in the runs' table
     assert "along a no classifier" not in text and "along an arbitrary" not in text  # a classifier: a real direction
 
 

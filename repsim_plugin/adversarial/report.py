@@ -241,10 +241,10 @@ class AuditReport:
             return []
         lines = ["", "## Fine-tuning runs", ""]
         lines.append(
-            "| run | target | before | after | agreement | KL | output cosine | accuracy before -> after | "
-            "best step / steps | lambda start -> end | seconds |"
+            "| run | target | before | after (held-out n) | reached | optimiser's estimate | agreement | KL | "
+            "output cosine | accuracy before -> after | best step / run / budget | lambda start -> end | seconds |"
         )
-        lines.append("|" + "---|" * 11)
+        lines.append("|" + "---|" * 13)
         lines += [_shift_row(name, result) for name, result in self.shifts.items()]
         return lines
 
@@ -310,12 +310,14 @@ def _shift_row(name: str, result: ShiftResult) -> str:
         name,
         _num(result.target),
         _num(result.measure_before),
-        _num(result.measure_after),
+        f"{_num(result.measure_after)} ({result.n_eval})",
+        "yes" if result.reached else "**no**",
+        _num(result.minibatch_estimate),
         _num(result.agreement),
         _num(result.kl),
         _num(result.cosine),
         accuracy,
-        f"{result.best_step} / {result.steps}",
+        f"{result.best_step} / {result.steps_run} / {result.steps}",
         f"{start:.3g} -> {result.lambda_final:.3g}",
         f"{result.seconds:.1f}",
     ]
