@@ -32,8 +32,12 @@ def cka64(X: torch.Tensor, Y: torch.Tensor) -> float:
 
 @torch.no_grad()
 def rows(model: nn.Module, layer: str, X: torch.Tensor) -> torch.Tensor:
-    seen = {}
-    handle = model.get_submodule(layer).register_forward_hook(lambda m, a, o: seen.setdefault("r", o.flatten(1)))
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(module: nn.Module, args: object, output: torch.Tensor) -> None:  # returns None: the output is kept
+        seen["r"] = output.flatten(1)
+
+    handle = model.get_submodule(layer).register_forward_hook(grab)
     try:
         model(X)
     finally:
