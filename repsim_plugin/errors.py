@@ -90,3 +90,11 @@ class PluginLoadWarning(RepsimWarning):
 
 class EstimatorChoiceWarning(RepsimWarning):
     """``estimator="auto"`` chose an approximate estimator (minibatch CKA) because the exact one does not fit."""
+
+
+class TargetNotReachedWarning(RepsimWarning):
+    """``shift`` returned a state whose measure is farther from the target than ``target_tolerance``.
+
+    The message says how close the run got while keeping the outputs and what to try (more steps, a larger
+    ``target_tolerance``, ``mode="perturbation"``); ``ShiftResult.reached`` is False.
+    """

@@ -183,7 +183,7 @@ def test_outlier_and_serialisation(tmp_path, two_cnns, report):
     again = json.loads(json.dumps(payload))
     assert again["claim"] == report.claim and again["measures"] == list(MEASURES)
     assert [c["name"] for c in again["changes"]] == [c.name for c in report.changes]
-    assert again["shifts"]["toward 0"]["history"][0]["lambda"] == 500.0
+    assert again["shifts"]["toward 0"]["history"][0]["lambda"] == 10.0
     path = report.save(tmp_path / "sub" / "audit.json")
     assert json.loads(path.read_text())["changes"][3]["values"] == report.changes[3].values
     png = tmp_path / "audit.png"

@@ -5,7 +5,6 @@ the history. Small objects the runner in :mod:`.shifting` calls at each step and
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +22,7 @@ __all__ = [
     "History",
     "LambdaSchedule",
     "LossMeans",
+    "ProgressBar",
     "lr_schedule",
     "resolve_criterion",
 ]
@@ -56,7 +56,7 @@ class LambdaSchedule:
 def resolve_criterion(criterion: str, classify: bool, has_labels: bool) -> str:
     """What "outputs kept" means for this model and evaluation data (``"auto"`` resolved; see ``CRITERIA``)."""
     if criterion == "auto":
-        criterion = "accuracy" if (classify and has_labels) else ("agreement" if classify else "cosine")
+        criterion = ("agreement+accuracy" if has_labels else "agreement") if classify else "cosine"
     if criterion in ("accuracy", "agreement") and not classify:
         raise RepsimError(f"criterion={criterion!r} needs class logits; use criterion='cosine'.")
     if criterion == "accuracy" and not has_labels:
@@ -72,6 +72,10 @@ class Fidelity:
 
     def kept(self, e: Evaluation) -> bool:
         o = e.outputs
+        if self.criterion == "agreement+accuracy":
+            assert o.agreement is not None and o.accuracy is not None and self.before.accuracy is not None
+            agreement_kept = o.agreement >= 1.0 - self.tolerance - 1e-12
+            return agreement_kept and o.accuracy >= self.before.accuracy - self.tolerance - 1e-12
         if self.criterion == "accuracy":  # resolve_criterion made sure the evaluation data have labels
             assert o.accuracy is not None and self.before.accuracy is not None
             score, threshold = o.accuracy, self.before.accuracy - self.tolerance
@@ -82,21 +86,34 @@ class Fidelity:
             score, threshold = o.cosine, 1.0 - self.tolerance
         return score >= threshold - 1e-12
 
+    def score(self, e: Evaluation) -> float:
+        """How close the outputs are to the original's (higher is closer): agreement (+ accuracy), or cosine."""
+        o = e.outputs
+        if self.criterion in ("agreement", "agreement+accuracy", "accuracy") and o.agreement is not None:
+            return o.agreement + (o.accuracy if o.accuracy is not None else 0.0)
+        return o.cosine
+
 
 class BestState:
-    """``keep="best"``: the evaluated state closest to the target among those that kept the outputs (step 0 counts)."""
+    """``keep="best"``: the evaluated state closest to the target among those that kept the outputs (step 0 counts).
 
-    def __init__(self, source: nn.Module, distance: float, before: Evaluation) -> None:
-        self.source = source
+    Distances within ``band`` of the target count as equal; among those states the one whose outputs are closest
+    to the original's (``Fidelity.score``) wins: once the target is reached, further steps may only repair outputs.
+    """
+
+    def __init__(self, source: nn.Module, distance: float, before: Evaluation, band: float = 0.0) -> None:
+        self.source, self.band = source, band
         self.distance, self.step, self.evaluation = distance, 0, before
+        self.key: tuple[float, float] = (max(distance, band), 0.0)
         self.state = self._snapshot()
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.source.state_dict().items()}
 
-    def offer(self, step: int, e: Evaluation, distance: float) -> None:
-        if distance < self.distance:
-            self.distance, self.step, self.evaluation = distance, step, e
+    def offer(self, step: int, e: Evaluation, distance: float, score: float = 0.0) -> None:
+        key = (max(distance, self.band), -score)
+        if key < self.key:
+            self.key, self.distance, self.step, self.evaluation = key, distance, step, e
             self.state = self._snapshot()
 
     def restore(self) -> tuple[int, Evaluation]:
@@ -107,9 +124,9 @@ class BestState:
 class History(list[dict[str, Any]]):
     """One entry per evaluation (step, lambda, the measure or map error, the output checks, kept, the losses)."""
 
-    def __init__(self, target: PairTarget | MapTarget, progress: bool) -> None:
+    def __init__(self, target: PairTarget | MapTarget) -> None:
         super().__init__()
-        self.target, self.progress = target, progress
+        self.target = target
 
     def record(self, step: int, e: Evaluation, lam: float, kept: bool, losses: dict[str, float]) -> None:
         o = e.outputs
@@ -125,11 +142,48 @@ class History(list[dict[str, Any]]):
         )
         entry.update({"kept": kept, **losses})
         self.append(entry)
-        if self.progress:
-            shown = ", ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items() if v is not None
-            )
-            print(f"shift: {shown}", file=sys.stderr, flush=True)
+
+
+class ProgressBar:
+    """A tqdm bar over the steps: the minibatch measure, the last evaluation (measure, agreement or cosine), lambda.
+
+    Disabled (``progress=False``), it does nothing and tqdm is not imported."""
+
+    def __init__(self, enabled: bool, total: int, target: PairTarget | MapTarget, criterion: str) -> None:
+        self.bar: Any = None
+        self.target, self.criterion = target, criterion
+        self.shown: dict[str, str] = {}
+        if enabled and total > 0:
+            from tqdm.auto import tqdm
+
+            what = "map" if isinstance(target, MapTarget) else str(target.layer)
+            self.bar = tqdm(total=total, desc=f"shift {what}", unit="step", leave=False)
+
+    def step(self, values: dict[str, float], lam: float) -> None:
+        if self.bar is None:
+            return
+        key = self.target.minibatch_key
+        self.shown["batch"] = f"{values[key]:.3f}"
+        self.shown["lambda"] = f"{lam:.3g}"
+        self.bar.set_postfix(self.shown, refresh=False)
+        self.bar.update(1)
+
+    def evaluation(self, e: Evaluation, kept: bool) -> None:
+        if self.bar is None:
+            return
+        measured = e.value if e.value is not None else self.target.distance(e)
+        self.shown["held-out"] = f"{measured:.3f}"
+        o = e.outputs
+        if o.agreement is not None:
+            self.shown["agree"] = f"{o.agreement:.3f}"
+        else:
+            self.shown["cos"] = f"{o.cosine:.3f}"
+        self.shown["kept"] = "yes" if kept else "no"
+        self.bar.set_postfix(self.shown)  # an evaluation is worth a refresh
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class LossMeans:

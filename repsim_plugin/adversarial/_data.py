@@ -7,6 +7,7 @@ each. Everything here is machinery of the ``adversarial`` package, not public AP
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ __all__ = [
     "all_labels",
     "as_chunks",
     "capture_rows",
+    "hold_out",
     "merge_rows",
     "minibatches",
     "sample_inputs",
@@ -137,7 +139,13 @@ def _pooled(split: list[tuple[Any, torch.Tensor | None]], what: str) -> list[Chu
 
 
 def as_chunks(data: Any, adapter: Adapter, labels: Any, what: str) -> list[Chunk]:
-    """Normalise ``data`` to chunks of indexable samples (one chunk when the batches can be concatenated)."""
+    """Normalise ``data`` to chunks of indexable samples (one chunk when the batches can be concatenated).
+
+    Chunks already made (a list of :class:`Chunk`, as the audit passes its split data to ``shift``) are copied."""
+    if isinstance(data, list) and data and all(isinstance(c, Chunk) for c in data):
+        if labels is not None:
+            raise RepsimError(f"{what} is already split into chunks with their labels; labels= does not apply.")
+        return [Chunk(c.inputs, c.labels, c.n) for c in data]
     chunks = _pooled(_split(_batches(data, what), adapter, what), what)
     total = sum(c.n for c in chunks)
     if labels is not None:
@@ -174,6 +182,42 @@ def _as_labels(labels: Any, n: int, what: str) -> torch.Tensor:
 def split_like(tensor: torch.Tensor, chunks: Sequence[Chunk]) -> list[torch.Tensor]:
     """Rows of ``tensor`` (all samples in data order) cut into one piece per chunk."""
     return list(tensor.split([c.n for c in chunks]))
+
+
+def hold_out(chunks: list[Chunk], fraction: float, seed: int) -> tuple[list[Chunk], list[Chunk], torch.Tensor]:
+    """Split ``chunks`` into training and held-out chunks; returns them and the held-out positions in data order.
+
+    One pooled chunk: ``round(fraction * n)`` of its samples, drawn by ``seed`` (the same ones on every call).
+    Several chunks (padded text batches of different lengths): whole chunks, ``ceil(fraction * chunks)`` of them,
+    so that padding stays as it was. Raises when either part would have fewer than :data:`MIN_BATCH` samples.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    offsets = torch.tensor([0] + [c.n for c in chunks]).cumsum(0)
+    if len(chunks) == 1:
+        chunk = chunks[0]
+        order = torch.randperm(chunk.n, generator=generator)
+        k = round(fraction * chunk.n)
+        held, kept = order[:k].sort().values, order[k:].sort().values
+        train = [Chunk(take(chunk.inputs, kept), _labels(chunk, kept), len(kept))]
+        evaluation = [Chunk(take(chunk.inputs, held), _labels(chunk, held), len(held))]
+        positions = held
+    else:
+        k = max(1, math.ceil(fraction * len(chunks)))
+        chosen = set(torch.randperm(len(chunks), generator=generator)[:k].tolist())
+        train = [c for i, c in enumerate(chunks) if i not in chosen]
+        evaluation = [c for i, c in enumerate(chunks) if i in chosen]
+        positions = torch.cat([torch.arange(int(offsets[i]), int(offsets[i + 1])) for i in sorted(chosen)])
+    n_train, n_eval = sum(c.n for c in train), sum(c.n for c in evaluation)
+    if n_train < MIN_BATCH or n_eval < MIN_BATCH:
+        raise RepsimError(
+            f"holding out {fraction:g} of {int(offsets[-1])} samples leaves {n_train} to fine-tune on and {n_eval} to "
+            f"evaluate on; each part needs at least {MIN_BATCH}. Pass more data, eval_data=, or another holdout=."
+        )
+    return train, evaluation, positions
+
+
+def _labels(chunk: Chunk, index: torch.Tensor) -> torch.Tensor | None:
+    return chunk.labels[index] if chunk.labels is not None else None
 
 
 def minibatches(

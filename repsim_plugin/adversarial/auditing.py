@@ -27,13 +27,13 @@ import torch
 from torch import nn
 
 from .._utils.batches import model_device, to_device, train_flags_kept
-from .._utils.checks import Instance, Int, Where, check_one, check_params
+from .._utils.checks import Instance, Int, Optional, Where, check_one, check_params
 from ..adapters import for_model
 from ..errors import DegenerateInputError, RepsimError
 from ..measures import Measure, make
 from ..measures.kernels import NULL_BIAS_WARNING, expected_null_cka
 from ..results import state_dict_fingerprint
-from ._data import Chunk, as_chunks, capture_rows, merge_rows, sample_inputs, single_layer_rows
+from ._data import Chunk, as_chunks, capture_rows, hold_out, merge_rows, sample_inputs, single_layer_rows
 from .changes import (
     AuditSetting,
     FineTuning,
@@ -45,7 +45,14 @@ from .changes import (
 )
 from .report import AuditReport, Change
 
-__all__ = ["AUDIT_PARAMS", "DEFAULT_MEASURES", "audit"]
+__all__ = ["AUDIT_PARAMS", "DEFAULT_MEASURES", "SELF_AUDIT", "audit"]
+
+#: The note (and headline) of an audit whose model B is model A itself (same weights, same layer).
+SELF_AUDIT = (
+    "A IS AUDITED AGAINST ITSELF: model B has the same weights as model A and layer_b is layer_a, so the claim is "
+    "the similarity of A's layer with itself (1 for CKA) and says nothing about two models; pass another model "
+    "(or checkpoint) as B."
+)
 
 DEFAULT_MEASURES: tuple[str, ...] = ("cka", "debiased_cka", "procrustes", "mean_cca")
 
@@ -69,7 +76,7 @@ AUDIT_PARAMS = {
     "model_b": Instance(nn.Module, "a torch.nn.Module"),
     "layer_a": Where(_layer_name, "a layer name", bad=("", 3, None)),
     "layer_b": Where(_layer_name, "a layer name", bad=("", 3, None)),
-    "steps": Int(minimum=0),
+    "steps": Optional(Int(minimum=0)),
     "targets": Where(_pair, "a (low, high) pair", bad=((0.0,), (0.0, 0.5, 1.0), 3)),
 }
 
@@ -177,12 +184,30 @@ def _cca_note(subset: Change, measures: dict[str, Measure], rank: int) -> list[s
     ]
 
 
+class _NoBar:
+    def set_description(self, text: str) -> None: ...
+
+    def update(self, n: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _bar(enabled: bool, total: int) -> Any:
+    """One bar over the audit's changes (each fine-tuning run shows its own bar of steps below it)."""
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="audit", unit="change", leave=False)
+
+
 def _reachable(changes: list[Change], claim: str) -> tuple[tuple[float, str], tuple[float, str]]:
-    """The lowest and highest claim value among the changes that kept the outputs, with the change's name."""
+    """The lowest and highest claim value among the original and the changes whose outputs were checked and kept
+    (a change that could not be checked, e.g. no classifier to read predictions from, does not count)."""
     kept = [
         (float(value), item.name)
         for item in changes
-        if item.kept is not False and (value := item.values.get(claim)) is not None
+        if (item.kind == "original" or item.kept is True) and (value := item.values.get(claim)) is not None
     ]
     return min(kept, key=lambda t: t[0]), max(kept, key=lambda t: t[0])
 
@@ -195,16 +220,16 @@ def audit(
     data: Any,
     *,
     measures: Sequence[str | Measure] = DEFAULT_MEASURES,
-    tolerance: float = 0.01,
+    tolerance: float = 0.015,
     claim_measure: str = "cka",
     targets: tuple[float, float] = (0.0, 1.0),
-    steps: int = 300,
+    steps: int | None = None,
     eval_data: Any = None,
     labels: Any = None,
     eval_labels: Any = None,
     stress_target: float = 0.2,
     seed: int = 0,
-    progress: bool = False,
+    progress: bool = True,
     tokens: str = "mean",
     spatial: str = "flatten",
     batch_size: int = 128,
@@ -214,15 +239,19 @@ def audit(
     """Audit the claim ``claim_measure(model_a.layer_a, model_b.layer_b)`` (see the module docstring).
 
     Args:
-        data: inputs to fine-tune on (as for :func:`shift`); also the evaluation data when ``eval_data`` is None.
+        data: inputs to fine-tune on (as for :func:`shift`). When ``eval_data`` is None, ``holdout`` (a
+            :func:`shift` option, default 0.2) of them is held out, drawn by ``seed``: the claim, every change
+            and both fine-tuning runs are evaluated on that part, the runs fine-tune on the rest.
         measures: aliases, ids or ``Measure`` objects to report side by side (the claim measure is added if
             absent); a measure that fails on some representation is shown as n/a, with the reason in the notes.
         tolerance: outputs count as kept while top-1 agreement with the original A stays >= 1 - tolerance
             (classifiers) or the mean output cosine >= 1 - tolerance (encoders without logits).
-        targets: the low and high targets of the two fine-tuning runs; ``steps=0`` skips fine-tuning.
+        targets: the low and high targets of the two fine-tuning runs; ``steps=0`` skips fine-tuning, None is
+            :func:`shift`'s budget from the data size (each run stops once its target is reached).
         labels / eval_labels: class labels; the subset translation moves one class (else A's predicted class).
         stress_target: the CKA the subset translation and the outlier are scaled to reach (when reachable).
         names: labels of the two models in the report.
+        progress: one bar over the changes, and one bar of steps per fine-tuning run; False silences them.
         shift_kwargs: passed on to :func:`shift` (``lr``, ``temperature``, ``lambda_init``, ``batch_size`` ...).
     """
     started = time.perf_counter()
@@ -237,10 +266,22 @@ def audit(
         )
     check_one(AUDIT_PARAMS, "targets", targets)
     fingerprints = {"a": state_dict_fingerprint(model_a), "b": state_dict_fingerprint(model_b)}
+    self_audit = fingerprints["a"] == fingerprints["b"] and layer_a == layer_b
 
     adapter_a = for_model(model_a)
     chunks = as_chunks(data, adapter_a, labels, "data")
-    eval_chunks = as_chunks(eval_data, adapter_a, eval_labels, "eval_data") if eval_data is not None else chunks
+    holdout = float(shift_kwargs.pop("holdout", 0.2))
+    if eval_data is not None:
+        eval_chunks = as_chunks(eval_data, adapter_a, eval_labels, "eval_data")
+        evaluated_on = "eval_data"
+    elif steps == 0:  # nothing is fine-tuned: every sample is evaluation data
+        eval_chunks, evaluated_on = chunks, "data (nothing fine-tuned, so nothing held out)"
+    elif holdout > 0:  # the same held-out part for the claim, every change and the fine-tuning runs
+        chunks, eval_chunks, _ = hold_out(chunks, holdout, seed)
+        evaluated_on = f"held out from data (holdout={holdout:g}, seed={seed})"
+    else:
+        eval_chunks, evaluated_on = chunks, "the training data (holdout=0)"
+    held_out = eval_chunks is not chunks or steps == 0
     models = (model_a, layer_a, model_b, layer_b)
     s = _setting(models, eval_chunks, resolved, batch_size=max(batch_size, 256), tokens=tokens, spatial=spatial)
     baseline = s.evaluate(s.H, s.HB)
@@ -250,21 +291,30 @@ def audit(
         raise RepsimError(f"the claim measure {claim_measure} cannot be computed here: {reason}")
     changes = [Change("original (the claim)", "original", "A and B as given.", baseline, dict.fromkeys(resolved))]
     notes = _bias_note(s)
+    if self_audit:
+        notes.insert(0, SELF_AUDIT)
 
     options = {"batch_size": batch_size, **shift_kwargs}
     options.setdefault("preserve", s.preserve)
     runs = [
         FineTuning(
-            label, target, (claim_measure, resolved[claim_measure]), data, reference=(model_b, layer_b),
-            tolerance=tolerance, steps=steps, eval_data=eval_data, labels=labels, eval_labels=eval_labels, seed=seed,
+            label, target, (claim_measure, resolved[claim_measure]), chunks, reference=(model_b, layer_b),
+            tolerance=tolerance, steps=steps, eval_data=eval_chunks if held_out else None, holdout=0.0, seed=seed,
             progress=progress, criterion="agreement" if s.classify else "cosine", tokens=tokens, spatial=spatial,
             **options,
         )
         for label, target in zip(("low", "high"), targets, strict=True)
-        if steps > 0
+        if steps != 0
     ]  # fmt: skip
-    changes += [run.row(s) for run in runs]
+    bar = _bar(progress, len(runs) + 1)
+    for run in runs:
+        bar.set_description(f"audit: fine-tuning toward {run.target:g}")
+        changes.append(run.row(s))
+        bar.update(1)
+    bar.set_description("audit: subset translation, outlier")
     changes += _analytic_rows(s, stress_target, seed, notes)
+    bar.update(1)
+    bar.close()
     notes += [f"{what}: {message}" for what, message in s.failures.items()]
 
     (low, low_source), (high, high_source) = _reachable(changes, claim_measure)
@@ -274,7 +324,8 @@ def audit(
         claim=float(claim),
         measures=list(resolved), measure_ids={alias: m.id for alias, m in resolved.items()},
         larger_is_more_similar={alias: m.larger_is_more_similar for alias, m in resolved.items()}, changes=changes,
-        tolerance=float(tolerance), n=s.H.shape[0], held_out=eval_data is not None, features=s.H.shape[1],
+        tolerance=float(tolerance), n=s.H.shape[0], held_out=held_out, features=s.H.shape[1],
+        evaluated_on=evaluated_on, self_audit=self_audit,
         lowest=low, highest=high, range_sources={"lowest": low_source, "highest": high_source}, notes=notes,
         seconds=time.perf_counter() - started, fingerprints=fingerprints,
         shifts={f"toward {run.target:g}": run.result for run in runs if run.result is not None},

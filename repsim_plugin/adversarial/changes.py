@@ -25,7 +25,7 @@ from .._utils.batches import model_device, take, to_device, train_flags_kept
 from .._utils.names import module_of
 from ..adapters import for_model
 from ..capture import capture
-from ..errors import DegenerateInputError, RepsimError, SmallSampleBiasWarning
+from ..errors import DegenerateInputError, RepsimError, SmallSampleBiasWarning, TargetNotReachedWarning
 from ..measures import Measure
 from ._data import Chunk, sample_inputs, single_layer_rows
 from .objective import preserved_output
@@ -167,6 +167,8 @@ class FineTuning:
                 **self.options,
             )  # fmt: skip
         for warning in caught:
+            if issubclass(warning.category, TargetNotReachedWarning):
+                continue  # the row says it (name and description), with the numbers
             s.failures.setdefault(f"fine-tuning toward {self.target:g} warned", str(warning.message))
         self.result = result
         check = result.agreement if s.classify else result.cosine
@@ -177,15 +179,27 @@ class FineTuning:
             else "no fine-tuned state kept the outputs within the tolerance, so this row is the original "
             "model (more steps, a lower lr or a smaller lambda_init may find one)."
         )
+        reached = (
+            f"target reached ({result.measure_after:.3f}, within {result.target_tolerance:g})"
+            if result.reached
+            else f"target NOT reached: {result.measure_after:.3f} against {self.target:g} +- "
+            f"{result.target_tolerance:g}"
+        )
+        estimate = (
+            f"; the optimiser's own estimate ({result.objective}) was {result.minibatch_estimate:.3f}"
+            if result.minibatch_estimate is not None
+            else ""
+        )
         return s.changed_row(
-            f"fine-tuned toward {self.target:g}",
+            f"fine-tuned toward {self.target:g}" + ("" if result.reached else " (target not reached)"),
             "finetune",
-            f"A fine-tuned for {result.steps} steps toward {self.claim_name} = {self.target:g} with B "
-            f"({result.objective}; preservation {result.preserve}); {found}",
+            f"A fine-tuned for {result.steps_run} of {result.steps} steps toward {self.claim_name} = {self.target:g} "
+            f"with B (preservation {result.preserve}); {reached} on {result.n_eval} held-out samples"
+            f"{estimate}; {found}",
             result.representations["after"],
             kept=result.kept,
-            kept_by=f"{kept_label} {check:.1%}",
-            details={"target": self.target, "shift": self.label},
+            kept_by=f"{kept_label} {check:.1%} on {result.n_eval} held-out samples",
+            details={"target": self.target, "shift": self.label, "reached": result.reached},
         )
 
 
@@ -371,7 +385,7 @@ class SubsetTranslation:
         return s.changed_row(
             "subset translation",
             "subset_translation",
-            f"{subset} moved by c = {c:.3g} along a {self.how}{self.readout.where(s.layer_a)}; Theorem 1's limit "
+            f"{subset} moved by c = {c:.3g} along {self.how}{self.readout.where(s.layer_a)}; Theorem 1's limit "
             f"of linear CKA(A, A') is {limit:.3f}.",
             moved,
             **self.readout.kept(s, moved, details),
@@ -415,7 +429,7 @@ def stress_direction(readout: Readout, H: torch.Tensor) -> tuple[torch.Tensor, s
             v = torch.ones(H.shape[1]) / math.sqrt(H.shape[1])
         else:
             v = torch.linalg.svd(H - H.mean(0), full_matrices=False)[2][-1]
-        return v, "no classifier or labels to keep: the direction is arbitrary and predictions are not checked"
+        return v, "an arbitrary direction (there is no classifier or labels to keep, so predictions are not checked)"
     attempts = [(nonneg, "logits"), (nonneg, "probabilities")] + ([(False, "logits")] if nonneg else [])
     last_error: Exception | None = None
     for non_negative, keep in attempts:
@@ -424,7 +438,7 @@ def stress_direction(readout: Readout, H: torch.Tensor) -> tuple[torch.Tensor, s
         except DegenerateInputError as error:
             last_error = error
             continue
-        sign = "non-negative" if non_negative else "mixed-sign"
+        sign = "a non-negative" if non_negative else "a mixed-sign"
         what = "leaves every logit unchanged" if keep == "logits" else "moves every logit by the same amount"
         return v, f"{sign} direction that {what}"
     raise DegenerateInputError(f"no separability-preserving direction exists: {last_error}")

@@ -20,6 +20,11 @@ from .result import ShiftResult
 
 __all__ = ["AuditReport", "Change", "plain"]
 
+SELF_AUDIT_HEADLINE = (
+    "model B has the same weights as model A at the same layer: A is audited against itself, and the claim is "
+    "A's similarity with itself."
+)
+
 
 @dataclass
 class Change:
@@ -97,6 +102,10 @@ class AuditReport:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     fingerprints: dict[str, str] = field(default_factory=dict)
+    #: Where the numbers come from: "eval_data", "held out from data (...)", or the training data.
+    evaluated_on: str = ""
+    #: Model B is model A (same weights) at the same layer: the claim compares A with itself.
+    self_audit: bool = False
     shifts: dict[str, ShiftResult] = field(default_factory=dict, repr=False)
 
     @property
@@ -128,6 +137,8 @@ class AuditReport:
             "tolerance": self.tolerance,
             "n": self.n,
             "held_out": self.held_out,
+            "evaluated_on": self.evaluated_on,
+            "self_audit": self.self_audit,
             "features": self.features,
             "changes": [c.to_dict() for c in self.changes],
             "shifts": {name: result.to_dict() for name, result in self.shifts.items()},
@@ -159,19 +170,31 @@ class AuditReport:
         return "\n".join(lines)
 
     def _claim_lines(self) -> list[str]:
-        where = f"{self.n} held-out samples" if self.held_out else f"{self.n} samples"
-        lines = [
-            f"# Similarity audit: {self.model_a} `{self.layer_a}` vs {self.model_b} `{self.layer_b}`",
-            "",
-            f"**Claim**: {self.claim_measure} = **{self.claim:.3f}** on {where} ({self.features} features).",
+        where = f"{self.n} held-out samples" if self.held_out else f"{self.n} training samples (not held out)"
+        if self.evaluated_on.startswith("data (nothing"):
+            where = f"{self.n} samples"
+        lines = [f"# Similarity audit: {self.model_a} `{self.layer_a}` vs {self.model_b} `{self.layer_b}`", ""]
+        if self.self_audit:
+            lines += [f"**Warning**: {SELF_AUDIT_HEADLINE}", ""]
+        lines += [
+            f"**Claim**: {self.claim_measure} = **{self.claim:.3f}** on {where} ({self.features} features; "
+            f"evaluated on {self.evaluated_on or where}).",
             "",
         ]
+        checked = [c for c in self.changes if c.kind != "original" and c.kept is True]
+        unchecked = [c.name for c in self.changes if c.kind != "original" and c.kept is None]
+        lost = [c.name for c in self.changes if c.kind != "original" and c.kept is False]
         if self.lowest is not None and self.highest is not None:
             lines.append(
-                f"**With A's outputs kept**, {self.claim_measure} ranges from **{self.lowest:.3f}** "
+                f"**With A's outputs kept** (checked on the same {self.n} samples; {len(checked)} of "
+                f"{len(self.changes) - 1} changes), {self.claim_measure} ranges from **{self.lowest:.3f}** "
                 f"({self.range_sources.get('lowest', '')}) to **{self.highest:.3f}** "
                 f"({self.range_sources.get('highest', '')})."
             )
+            if unchecked:
+                lines.append(f"Not counted, outputs not checked: {', '.join(unchecked)}.")
+            if lost:
+                lines.append(f"Not counted, outputs not kept: {', '.join(lost)}.")
             lines.append("")
         return lines
 
@@ -218,10 +241,10 @@ class AuditReport:
             return []
         lines = ["", "## Fine-tuning runs", ""]
         lines.append(
-            "| run | target | before | after | agreement | KL | output cosine | accuracy before -> after | "
-            "best step / steps | lambda start -> end | seconds |"
+            "| run | target | before | after (held-out n) | reached | optimiser's estimate | agreement | KL | "
+            "output cosine | accuracy before -> after | best step / run / budget | lambda start -> end | seconds |"
         )
-        lines.append("|" + "---|" * 11)
+        lines.append("|" + "---|" * 13)
         lines += [_shift_row(name, result) for name, result in self.shifts.items()]
         return lines
 
@@ -287,12 +310,14 @@ def _shift_row(name: str, result: ShiftResult) -> str:
         name,
         _num(result.target),
         _num(result.measure_before),
-        _num(result.measure_after),
+        f"{_num(result.measure_after)} ({result.n_eval})",
+        "yes" if result.reached else "**no**",
+        _num(result.minibatch_estimate),
         _num(result.agreement),
         _num(result.kl),
         _num(result.cosine),
         accuracy,
-        f"{result.best_step} / {result.steps}",
+        f"{result.best_step} / {result.steps_run} / {result.steps}",
         f"{start:.3g} -> {result.lambda_final:.3g}",
         f"{result.seconds:.1f}",
     ]

@@ -66,6 +66,25 @@ class ShiftResult:
     seconds: float = 0.0
     seed: int = 0
     fingerprints: dict[str, str] = field(default_factory=dict)
+    #: Whether the returned state is within ``target_tolerance`` of the target (map targets: map error within it),
+    #: on the evaluation data. False comes with a :class:`~repsim_plugin.errors.TargetNotReachedWarning`.
+    reached: bool = False
+    target_tolerance: float = 0.05
+    #: Where the reported numbers come from: "eval_data", "held out from data (...)", or the training data.
+    evaluated_on: str = ""
+    #: Positions in ``data`` (in data order) of the samples held out for evaluation (None with eval_data=).
+    held_out_indices: list[int] | None = field(default=None, repr=False)
+    #: The step at which the run stopped because the target was reached with outputs kept (None: ran to the end).
+    stopped_at: int | None = None
+    steps_run: int = 0
+    #: The optimiser's own estimate at ``best_step`` (mean minibatch value, or minibatch map error, since the
+    #: evaluation before): the estimator ``objective`` names, next to ``measure_after`` (the full-data measure).
+    minibatch_estimate: float | None = None
+    mixup: float = 0.0
+    #: The learning rate used (``lr=None`` resolved by the number of trainable parameters).
+    lr: float = 0.0
+    #: The evaluated state closest to the target whether or not it kept the outputs (distance, step, checks).
+    closest: dict[str, Any] = field(default_factory=dict, repr=False)
     #: Evaluation rows (CPU, float32): "before" / "after" of the layer and "reference"; not part of to_dict().
     representations: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     #: The layout ("NCHW", "NHWC", ...) of the perturbed layer's output: where :meth:`perturbed` finds features.
@@ -132,6 +151,16 @@ class ShiftResult:
             "n_train": self.n_train,
             "n_eval": self.n_eval,
             "held_out": self.held_out,
+            "evaluated_on": self.evaluated_on,
+            "held_out_indices": None if self.held_out_indices is None else list(self.held_out_indices),
+            "reached": self.reached,
+            "target_tolerance": self.target_tolerance,
+            "stopped_at": self.stopped_at,
+            "steps_run": self.steps_run,
+            "minibatch_estimate": self.minibatch_estimate,
+            "mixup": self.mixup,
+            "lr": self.lr,
+            "closest": dict(self.closest),
             "seconds": self.seconds,
             "seed": self.seed,
             "fingerprints": dict(self.fingerprints),
@@ -139,16 +168,30 @@ class ShiftResult:
         }
 
     def __repr__(self) -> str:
+        where = f"{self.n_eval} {'held-out' if self.held_out else 'training'} samples"
         if self.map_layers is not None:
-            what = f"map error {self.map_error_before:.3f} -> {self.map_error_after:.3f}"
+            what = f"map error {self.map_error_before:.3f} -> {self.map_error_after:.3f} on {where}"
         else:
-            what = f"{self.measure_before:.3f} -> {self.measure_after:.3f} (target {self.target})"
+            what = f"{self.measure} {self.measure_before:.3f} -> {self.measure_after:.3f} on {where}"
+        goal = "map error" if self.map_layers is not None else f"target {self.target:g}"
+        verdict = "reached" if self.reached else "NOT reached"
+        estimate = "" if self.minibatch_estimate is None else f"; {self.objective}: {self.minibatch_estimate:.3f}"
         checks = ", ".join(
             f"{name} {value:.3f}"
-            for name, value in (("agreement", self.agreement), ("cosine", self.cosine))
+            for name, value in (
+                ("agreement", self.agreement),
+                ("accuracy", self.accuracy_after),
+                ("cosine", self.cosine),
+            )
             if value is not None
         )
-        return f"ShiftResult({self.layer or self.map_layers}: {what}; {checks}; {self.mode}, {self.steps} steps)"
+        if self.accuracy_before is not None and self.accuracy_after is not None:
+            after = f"accuracy {self.accuracy_after:.3f}"
+            checks = checks.replace(after, f"accuracy {self.accuracy_before:.3f} -> {self.accuracy_after:.3f}")
+        return (
+            f"ShiftResult({self.layer or self.map_layers}: {what} ({goal} +- {self.target_tolerance:g} {verdict})"
+            f"{estimate}; {checks}; {self.mode}, step {self.best_step} of {self.steps_run} run ({self.steps} budget))"
+        )
 
 
 def map_error(values: torch.Tensor | None, target: torch.Tensor | None) -> float | None:

@@ -14,7 +14,8 @@ original constrains what the model outputs. The objective is the paper's (see :m
 * ``preservation`` is the distillation KL between ``softmax(teacher / T)`` and ``softmax(student / T)``
   (``preserve="kl"``), cross-entropy on hard labels (``"ce"``), or, for models without logits such as a bare
   sentence encoder, ``1 - cosine`` (``"embedding"``) or relative squared error (``"mse"``) of the outputs.
-* ``lambda`` starts at ``lambda_init`` (500); at every evaluation on held-out data it is multiplied by 0.8 when
+* ``lambda`` starts at ``lambda_init`` (10: the paper's 500 goes with T = 0.1, whose KL is about 1/T^2 = 100
+  times the KL at the default T = 1); at every evaluation on held-out data it is multiplied by 0.8 when
   the outputs are not kept (accuracy, or top-1 agreement with the original, or output cosine fell more than
   ``tolerance`` below the original), else divided by 0.8. AdamW, cosine learning-rate schedule, gradient
   clipping at 1.0.
@@ -29,9 +30,10 @@ the global random state is left as it was.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -39,9 +41,10 @@ from torch import nn
 
 from .._utils.batches import TrainFlags, model_device, take, to_device, train_flags_kept
 from .._utils.checks import Bool, Callable_, Choice, Float, Instance, Int, Optional, check_one, check_params
+from .._utils.warnings import warn
 from ..adapters import for_model
 from ..capture import SPATIAL_POLICIES, TOKEN_POLICIES, capture
-from ..errors import DegenerateInputError, RepsimError
+from ..errors import DegenerateInputError, InputShapeError, RepsimError, TargetNotReachedWarning
 from ..measures import Measure
 from ..results import state_dict_fingerprint
 from ._bookkeeping import (
@@ -51,10 +54,11 @@ from ._bookkeeping import (
     History,
     LambdaSchedule,
     LossMeans,
+    ProgressBar,
     lr_schedule,
     resolve_criterion,
 )
-from ._data import MIN_BATCH, Chunk, all_labels, as_chunks, minibatches, sample_inputs
+from ._data import MIN_BATCH, Chunk, all_labels, as_chunks, hold_out, minibatches, sample_inputs
 from .objective import (
     PRESERVE,
     MinibatchMeasure,
@@ -68,15 +72,56 @@ from .perturbation import LowRankAffine, attach_perturbation
 from .result import ShiftResult
 from .targets import Evaluation, MapTarget, PairTarget, make_target
 
-__all__ = ["CRITERIA", "KEEP", "LAMBDA_FACTOR", "MODES", "SHIFT_PARAMS", "ShiftConfig", "Shifter", "shift"]
+__all__ = [
+    "CRITERIA",
+    "KEEP",
+    "LAMBDA_FACTOR",
+    "MODES",
+    "SHIFT_PARAMS",
+    "ShiftConfig",
+    "Shifter",
+    "auto_steps",
+    "shift",
+]
 
 #: ``finetune``: train the copy's weights; ``perturbation``: frozen network, learnable edit of the layer output.
 MODES: tuple[str, ...] = ("finetune", "perturbation")
-#: What "outputs kept" means at an evaluation. ``auto``: accuracy when the evaluation data have labels, else
-#: top-1 agreement with the original for classifiers, else the mean cosine of the outputs.
+#: What "outputs kept" means at an evaluation. ``auto``: for classifiers, top-1 agreement with the original and,
+#: when the evaluation data have labels, accuracy too (both within ``tolerance``); else the mean output cosine.
 CRITERIA: tuple[str, ...] = ("auto", "accuracy", "agreement", "cosine")
 #: ``best``: the evaluated state closest to the target among those that kept the outputs; ``last``: the final one.
 KEEP: tuple[str, ...] = ("best", "last")
+
+#: About this many evaluations per run (at most one per pass over the training data).
+EVALUATIONS = 30
+#: ``stop_when_reached`` stops at the first evaluation that kept the outputs within this fraction of
+#: ``target_tolerance`` of the target: the evaluation data are a sample, so stopping a little inside the tolerance
+#: leaves room for the difference between them and other data.
+STOP_FRACTION = 0.5
+#: After the first evaluation that reached the target with outputs kept, ``stop_when_reached`` runs on for
+#: this many evaluations (at least this fraction of the budget), keeping the state with the closest outputs
+#: among those that stay within the band: the steps after reaching the target repair the outputs.
+POLISH_EVALUATIONS, POLISH_FRACTION = 5, 0.1
+#: ``steps=None``: this many passes over the training data, within [AUTO_STEPS_MIN, AUTO_STEPS_MAX] steps.
+AUTO_EPOCHS = 150
+AUTO_STEPS_MIN, AUTO_STEPS_MAX = 300, 3000
+
+
+#: ``lr=None``: the AdamW learning rate by the number of trainable parameters (AdamW moves every weight by about
+#: lr per step, which a large pretrained network does not survive): (at most this many, lr).
+AUTO_LR: tuple[tuple[float, float], ...] = ((1e6, 1e-2), (1e7, 1e-3), (math.inf, 1e-4))
+
+
+def auto_lr(n_params: int) -> float:
+    """The default learning rate for a model with ``n_params`` trainable parameters (see :data:`AUTO_LR`)."""
+    return next(lr for bound, lr in AUTO_LR if n_params <= bound)
+
+
+def auto_steps(n_train: int, batch_size: int) -> int:
+    """The default step budget: :data:`AUTO_EPOCHS` passes over ``n_train`` samples, clipped to the bounds."""
+    per_epoch = max(1, -(-n_train // batch_size))
+    return int(min(AUTO_STEPS_MAX, max(AUTO_STEPS_MIN, AUTO_EPOCHS * per_epoch)))
+
 
 #: The constraints of :func:`shift`'s options (checked by :class:`ShiftConfig`) and of its model.
 SHIFT_PARAMS = {
@@ -85,9 +130,9 @@ SHIFT_PARAMS = {
     "preserve": Choice(PRESERVE),
     "criterion": Choice(CRITERIA),
     "keep": Choice(KEEP),
-    "steps": Int(minimum=0),
+    "steps": Optional(Int(minimum=0)),
     "batch_size": Int(minimum=MIN_BATCH),
-    "lr": Float(positive=True),
+    "lr": Optional(Float(positive=True)),
     "temperature": Float(positive=True),
     "lambda_init": Float(positive=True),
     "tolerance": Float(minimum=0),
@@ -103,6 +148,10 @@ SHIFT_PARAMS = {
     "output": Optional(Callable_("a callable mapping the model's output to a (batch, k) tensor")),
     "train_mode": Bool(),
     "progress": Bool(),
+    "holdout": Float(minimum=0, below=1),
+    "target_tolerance": Float(minimum=0),
+    "stop_when_reached": Bool(),
+    "mixup": Float(minimum=0),
 }
 
 
@@ -117,12 +166,12 @@ class ShiftConfig:
     preserve: str = "kl"
     criterion: str = "auto"
     keep: str = "best"
-    steps: int = 300
+    steps: int | None = None
     batch_size: int = 128
-    lr: float = 1e-3
-    temperature: float = 0.1
-    lambda_init: float = 500.0
-    tolerance: float = 0.01
+    lr: float | None = None
+    temperature: float = 1.0
+    lambda_init: float = 10.0
+    tolerance: float = 0.015
     max_grad_norm: float = 1.0
     weight_decay: float = 0.01
     warmup: float = 0.0
@@ -134,7 +183,11 @@ class ShiftConfig:
     spatial: str = "flatten"
     output: Callable[[Any], torch.Tensor] | None = None
     train_mode: bool = False
-    progress: bool = False
+    progress: bool = True
+    holdout: float = 0.2
+    target_tolerance: float = 0.05
+    stop_when_reached: bool = True
+    mixup: float = 1.0
 
     def __post_init__(self) -> None:
         given = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -177,10 +230,19 @@ class Shifter:
     def _load(self, data: Any, labels: Any, eval_data: Any, eval_labels: Any) -> None:
         cfg = self.config
         self.chunks = as_chunks(data, self.adapter, labels, "data")
-        self.held_out = eval_data is not None
-        self.eval_chunks = (
-            as_chunks(eval_data, self.adapter, eval_labels, "eval_data") if self.held_out else self.chunks
-        )
+        self.held_out_index: torch.Tensor | None = None
+        if eval_data is not None:
+            self.evaluated_on = "eval_data"
+            self.eval_chunks = as_chunks(eval_data, self.adapter, eval_labels, "eval_data")
+        elif cfg.holdout > 0:
+            n_total = sum(c.n for c in self.chunks)
+            self.chunks, self.eval_chunks, self.held_out_index = hold_out(self.chunks, cfg.holdout, cfg.seed)
+            self._split_reference(n_total)
+            self.evaluated_on = f"held out from data (holdout={cfg.holdout:g}, seed={cfg.seed})"
+        else:
+            self.evaluated_on = "the training data (holdout=0)"
+            self.eval_chunks = self.chunks
+        self.held_out = self.eval_chunks is not self.chunks
         self.n_train = sum(c.n for c in self.chunks)
         self.n_eval = sum(c.n for c in self.eval_chunks)
         if self.n_train < MIN_BATCH or self.n_eval < MIN_BATCH:
@@ -190,6 +252,33 @@ class Shifter:
         if cfg.preserve == "ce" and any(c.labels is None for c in self.chunks):
             raise RepsimError("preserve='ce' trains on hard labels: pass labels= (or (inputs, labels) batches).")
         self.eval_labels = all_labels(self.eval_chunks)
+        self.steps = cfg.steps if cfg.steps is not None else auto_steps(self.n_train, cfg.batch_size)
+        floating = [isinstance(c.inputs, torch.Tensor) and c.inputs.is_floating_point() for c in self.chunks]
+        if cfg.mixup > 0 and cfg.preserve != "ce" and all(floating):
+            self.teacher = copy.deepcopy(self.model)
+            self.teacher.requires_grad_(False)
+            self.teacher_adapter = for_model(self.teacher)
+        else:
+            self.config = cfg = replace(cfg, mixup=0.0)  # token ids (or hard labels): nothing to mix
+        self._mix_generator = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def _split_reference(self, n_total: int) -> None:
+        """A precomputed reference tensor aligned with ``data``, cut like the data into training and held-out rows."""
+        target = self.target
+        if not isinstance(target, PairTarget) or target.reference is None or isinstance(target.reference, tuple):
+            return
+        rows = target.reference
+        if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.shape[0] != n_total:
+            raise InputShapeError(
+                f"the reference representation has shape {tuple(getattr(rows, 'shape', ()))}; give a float (n, d) "
+                f"tensor with one row per sample of data ({n_total}) in data order."
+            )
+        if target.eval_reference is not None:
+            raise RepsimError("eval_reference= goes with eval_data=; without eval_data the reference is cut like data.")
+        assert self.held_out_index is not None
+        mask = torch.zeros(n_total, dtype=torch.bool)
+        mask[self.held_out_index] = True
+        target.reference, target.eval_reference = rows[~mask.to(rows.device)], rows[mask.to(rows.device)]
 
     def _receive(self, batch: dict[str, torch.Tensor]) -> None:
         self._sink["rows"] = batch
@@ -261,7 +350,7 @@ class Shifter:
         if cfg.eval_every is not None:
             return cfg.eval_every
         per_epoch = sum(max(1, -(-c.n // cfg.batch_size)) for c in self.chunks)
-        return max(1, min(per_epoch, -(-cfg.steps // 10)))
+        return max(1, min(per_epoch, -(-self.steps // EVALUATIONS)))
 
     def _step(
         self, step: int, batch: tuple[Chunk, torch.Tensor], lam: float, optimizer: Any, scheduler: Any
@@ -280,6 +369,9 @@ class Shifter:
         teacher = chunk.teacher[index].to(out.device)
         lab = chunk.labels[index].to(out.device) if chunk.labels is not None else None
         keep_loss = preservation_loss(cfg.preserve, out.float(), teacher.float(), lab, cfg.temperature)
+        mixed = self._mixup_loss(chunk, index)
+        if mixed is not None:
+            keep_loss = keep_loss + cfg.mixup * mixed
         loss = keep_loss + lam * similarity.to(keep_loss.dtype)
         if not bool(torch.isfinite(loss)):
             raise DegenerateInputError(
@@ -297,6 +389,31 @@ class Shifter:
             self.target.minibatch_key: estimate,
         }
 
+    def _mixup_loss(self, chunk: Chunk, index: torch.Tensor) -> torch.Tensor | None:
+        """Preservation on mixed inputs ``a x_i + (1 - a) x_j`` (a uniform per sample), against the original's outputs.
+
+        The original is only known on the training samples; distilling on mixtures of them as well keeps the
+        function between those samples, which is what held-out agreement needs. Float tensor inputs only (not
+        token ids); with ``preserve="ce"`` (hard labels) it does not apply."""
+        cfg = self.config
+        inputs = chunk.inputs
+        if cfg.mixup == 0 or cfg.preserve == "ce" or not isinstance(inputs, torch.Tensor):
+            return None
+        if not inputs.is_floating_point():
+            return None
+        x = to_device(take(inputs, index), self.device)
+        a = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=self._mix_generator).to(x)
+        partner = torch.randperm(x.shape[0], generator=self._mix_generator).to(x.device)
+        mixed = a * x + (1 - a) * x[partner]
+        with torch.no_grad(), train_flags_kept(self.teacher):
+            self.teacher.eval()
+            raw = self.teacher_adapter.forward(mixed)
+            teacher = preserved_output(self.teacher_adapter, raw, mixed, cfg.output, cfg.preserve)
+        raw = self.adapter.forward(mixed)
+        self._sink.pop("rows", None)  # the captured layer rows of the mixed inputs are not used
+        out = preserved_output(self.adapter, raw, mixed, cfg.output, cfg.preserve)
+        return preservation_loss(cfg.preserve, out.float(), teacher.float(), None, cfg.temperature)
+
     def _evaluate(self, step: int) -> Evaluation:
         rows, outs = self._evaluate_pass(self.eval_chunks)
         finite = [bool(torch.isfinite(t).all()) for r in rows for t in r.values()]
@@ -310,32 +427,52 @@ class Shifter:
     def _optimise(self, before: Evaluation) -> tuple[int, Evaluation]:
         """The training loop with its evaluations; returns the step and evaluation of the state kept."""
         cfg = self.config
-        self.history = History(self.target, cfg.progress)
+        self.history = History(self.target)
         lam = LambdaSchedule(cfg.lambda_init)
         fidelity = Fidelity(self.criterion, cfg.tolerance, before.outputs)
         self.history.record(0, before, lam.value, True, {})
-        best = BestState(
-            self.perturbation if self.perturbation is not None else self.student, self.target.distance(before), before
-        )
-        optimizer = torch.optim.AdamW(self._params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.steps, cfg.warmup))
+        band = STOP_FRACTION * cfg.target_tolerance
+        source = self.perturbation if self.perturbation is not None else self.student
+        best = BestState(source, self.target.distance(before), before, band)
+        polish_until: int | None = None
+        self.closest = (self.target.distance(before), 0, before)  # closest evaluated state, outputs kept or not
+        self.lr = cfg.lr if cfg.lr is not None else auto_lr(sum(p.numel() for p in self._params))
+        optimizer = torch.optim.AdamW(self._params, lr=self.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(self.steps, cfg.warmup))
         every = self._eval_every()
         batches = minibatches(self.chunks, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
         self.student.train(cfg.train_mode)
         losses, last = LossMeans(), before
-        for step in range(1, cfg.steps + 1):
-            losses.add(self._step(step, next(batches), lam.value, optimizer, scheduler))
-            if step % every == 0 or step == cfg.steps:
+        self.stopped_at: int | None = None
+        step = 0
+        bar = ProgressBar(cfg.progress, self.steps, self.target, self.criterion)
+        try:
+            for step in range(1, self.steps + 1):
+                values = self._step(step, next(batches), lam.value, optimizer, scheduler)
+                losses.add(values)
+                bar.step(values, lam.value)
+                if not (step % every == 0 or step == self.steps):
+                    continue
                 last = self._evaluate(step)
                 kept = fidelity.kept(last)
-                self.history.record(
-                    step, last, lam.value, kept, {**losses.means(), "lr": float(scheduler.get_last_lr()[0])}
-                )
+                means = losses.means()
+                self.history.record(step, last, lam.value, kept, {**means, "lr": float(scheduler.get_last_lr()[0])})
+                bar.evaluation(last, kept)
                 losses = LossMeans()
                 lam.update(kept)
+                distance = self.target.distance(last)
+                if distance < self.closest[0]:
+                    self.closest = (distance, step, last)
                 if kept:
-                    best.offer(step, last, self.target.distance(last))
-        final_step, final = best.restore() if cfg.keep == "best" else (cfg.steps, last)
+                    best.offer(step, last, distance, fidelity.score(last))
+                    if cfg.stop_when_reached and distance <= band and polish_until is None:
+                        polish_until = step + max(POLISH_EVALUATIONS * every, round(POLISH_FRACTION * self.steps))
+                if polish_until is not None and step >= polish_until:
+                    self.stopped_at = step
+                    break
+        finally:
+            bar.close()
+        final_step, final = best.restore() if cfg.keep == "best" else (step, last)
         self.lambda_final, self.final_kept = lam.value, fidelity.kept(final)
         return final_step, final
 
@@ -385,11 +522,56 @@ class Shifter:
             measure=self.measure.id, mode=cfg.mode, preserve=cfg.preserve, criterion=self.criterion,
             tolerance=cfg.tolerance, model=self.student, agreement=o.agreement, kl=o.kl, cosine=o.cosine,
             cosine_min=o.cosine_min, accuracy_before=before.outputs.accuracy, accuracy_after=o.accuracy,
-            kept=self.final_kept, best_step=final_step, steps=cfg.steps, lambda_final=self.lambda_final,
+            kept=self.final_kept, best_step=final_step, steps=self.steps, lambda_final=self.lambda_final,
             history=list(self.history), perturbation=self.perturbation, objective=self.estimate.description,
             n_train=self.n_train, n_eval=self.n_eval, held_out=self.held_out, seed=cfg.seed,
-            fingerprints=fingerprints, layout=self.layout, **self.target.result_fields(before, final),
+            fingerprints=fingerprints, layout=self.layout, target_tolerance=cfg.target_tolerance,
+            reached=self.target.distance(final) <= cfg.target_tolerance + 1e-12, evaluated_on=self.evaluated_on,
+            held_out_indices=None if self.held_out_index is None else self.held_out_index.tolist(),
+            stopped_at=self.stopped_at, steps_run=self.history[-1]["step"] if self.history else 0,
+            minibatch_estimate=self._minibatch_estimate(final_step), mixup=cfg.mixup, lr=self.lr,
+            closest={"distance": self.closest[0], "step": self.closest[1], **_checks(self.closest[2])},
+            **self.target.result_fields(before, final),
         )  # fmt: skip
+
+    def _minibatch_estimate(self, step: int) -> float | None:
+        """The optimiser's own estimate (mean minibatch value since the previous evaluation) at ``step``."""
+        key = self.target.minibatch_key
+        for entry in self.history:
+            if entry["step"] == step:
+                return entry.get(key)
+        return None
+
+
+def _checks(e: Evaluation) -> dict[str, Any]:
+    o = e.outputs
+    return {"value": e.value, "agreement": o.agreement, "accuracy": o.accuracy, "cosine": o.cosine}
+
+
+def not_reached_message(result: ShiftResult) -> str:
+    """What :class:`TargetNotReachedWarning` says: how close the run got with outputs kept, and what to try."""
+    where = f"{result.n_eval} {'held-out' if result.held_out else 'training'} samples"
+    if result.map_layers is not None:
+        got = f"map error {result.map_error_after:.3f}"
+        goal = f"map error <= {result.target_tolerance:g}"
+    else:
+        got = f"{result.measure} {result.measure_after:.3f}"
+        goal = f"{result.target:g} +- {result.target_tolerance:g}"
+    closest = result.closest
+    closer = ""
+    if closest and closest.get("step") not in (None, result.best_step):
+        shown = closest["value"] if closest.get("value") is not None else closest["distance"]
+        check = closest.get("agreement") if closest.get("agreement") is not None else closest.get("cosine")
+        closer = (
+            f" The closest state overall ({shown:.3f} at step {closest['step']}) lost the outputs "
+            f"({'agreement' if closest.get('agreement') is not None else 'cosine'} {check:.3f})."
+        )
+    return (
+        f"shift did not reach the target: with the outputs kept ({result.criterion} within {result.tolerance:g}) the "
+        f"best state (step {result.best_step} of {result.steps_run}) has {got} on {where}; the target is {goal}."
+        f"{closer} Try more steps (steps={max(2 * result.steps, 100)}), a larger target_tolerance=, a larger "
+        "tolerance= on the outputs, or mode='perturbation' (a frozen network with an edit of the layer's output)."
+    )
 
 
 def shift(
@@ -401,19 +583,19 @@ def shift(
     reference: Any = None,
     measure: str | Measure = "cka",
     preserve: str = "kl",
-    tolerance: float = 0.01,
-    steps: int = 300,
-    lr: float = 1e-3,
+    tolerance: float = 0.015,
+    steps: int | None = None,
+    lr: float | None = None,
     batch_size: int = 128,
-    temperature: float = 0.1,
-    lambda_init: float = 500.0,
+    temperature: float = 1.0,
+    lambda_init: float = 10.0,
     eval_data: Any = None,
     labels: Any = None,
     seed: int = 0,
     mode: str = "finetune",
     target_map: Any = None,
     map_layers: Sequence[str] | None = None,
-    progress: bool = False,
+    progress: bool = True,
     eval_labels: Any = None,
     eval_reference: Any = None,
     eval_every: int | None = None,
@@ -427,6 +609,10 @@ def shift(
     max_grad_norm: float = 1.0,
     train_mode: bool = False,
     warmup: float = 0.0,
+    holdout: float = 0.2,
+    target_tolerance: float = 0.05,
+    stop_when_reached: bool = True,
+    mixup: float = 1.0,
 ) -> ShiftResult:
     """Fine-tune a copy of ``model`` so that ``measure(layer, reference)`` approaches ``target`` with outputs kept.
 
@@ -443,19 +629,38 @@ def shift(
             CKA with the unbiased HSIC, evaluated with the full-data measure.
         preserve: ``"kl"`` (distillation at ``temperature``), ``"ce"`` (hard labels), ``"embedding"`` (1 -
             cosine of the outputs; mean-pooled token states for a bare encoder), ``"mse"``.
-        tolerance: outputs count as kept while the criterion stays within this of the original (accuracy: 0.01
-            is one point; agreement >= 1 - tolerance; mean output cosine >= 1 - tolerance).
-        steps, lr, batch_size, temperature, lambda_init: the optimisation (AdamW, cosine schedule, gradient
-            clipping at ``max_grad_norm``).
-        eval_data: held-out inputs for the evaluations and the reported numbers (default: ``data`` itself).
+        tolerance: outputs count as kept while the criterion stays within this of the original (agreement >=
+            1 - tolerance; accuracy at most ``tolerance`` below the original's: 0.015 is 1.5 points; mean output
+            cosine >= 1 - tolerance).
+        steps: the step budget; None: :data:`AUTO_EPOCHS` passes over the training data, within
+            [:data:`AUTO_STEPS_MIN`, :data:`AUTO_STEPS_MAX`] (see :func:`auto_steps`).
+        lr: AdamW's learning rate; None: by the number of trainable parameters (:func:`auto_lr`: 1e-2 up to 1M,
+            1e-3 up to 10M, else 1e-4).
+        batch_size, temperature, lambda_init: the optimisation (AdamW, cosine schedule, gradient clipping at
+            ``max_grad_norm``; distillation at ``temperature``: 1 keeps held-out predictions better than the
+            paper's 0.1 on digits).
+        eval_data: held-out inputs for the evaluations, early stopping, ``keep="best"`` and every reported number.
+            None: ``holdout`` of ``data`` is held out (see ``holdout``).
+        holdout: the fraction of ``data`` held out for evaluation when ``eval_data`` is None, drawn by ``seed``
+            (``result.held_out_indices`` says which samples; several padded batches: whole batches). 0 evaluates
+            on the training data itself (the numbers then say "training samples").
+        target_tolerance: ``result.reached`` is True when the returned state is within this of the target (map
+            targets: mean map error within it); otherwise a :class:`~repsim_plugin.errors.TargetNotReachedWarning`
+            says how close it got with the outputs kept.
+        stop_when_reached: stop at the first evaluation that kept the outputs within half of
+            ``target_tolerance`` of the target.
+        mixup: weight of the distillation on mixed inputs ``a x_i + (1 - a) x_j`` of each minibatch (float
+            tensor inputs; 0 turns it off): it keeps the function between the training samples, which held-out
+            agreement needs.
         labels / eval_labels: class labels aligned with ``data`` / ``eval_data`` (or inside their batches).
         seed: shuffling, perturbation initialisation and dropout; the global random state is left unchanged.
         mode: ``"finetune"`` or ``"perturbation"`` (frozen network, :class:`LowRankAffine` edit of ``layer``'s
             output of rank ``rank``, inserted by a forward hook only while it runs).
         target_map / map_layers: a layer x layer target (matrix, number or ``SimilarityMap``; NaN entries are
             free) for the map of ``measure`` between ``map_layers`` of the model being trained.
-        progress: print one line per evaluation to stderr.
-        eval_every: steps between evaluations (default: one pass over the data, at most ``steps / 10``).
+        progress: a tqdm bar (step; minibatch measure; last evaluation's measure and agreement or cosine;
+            lambda); False silences it.
+        eval_every: steps between evaluations (default: one pass over the data, at most ``steps / 30``).
         criterion: ``"auto"``, ``"accuracy"``, ``"agreement"`` or ``"cosine"`` (see :data:`CRITERIA`).
         keep: ``"best"`` returns the evaluated state closest to the target among those that kept the outputs
             (the original counts, at step 0); ``"last"`` the final state.
@@ -471,7 +676,8 @@ def shift(
         batch_size=batch_size, lr=lr, temperature=temperature, lambda_init=lambda_init, tolerance=tolerance,
         max_grad_norm=max_grad_norm, weight_decay=weight_decay, warmup=warmup, seed=seed, rank=rank,
         eval_every=eval_every, tokens=tokens, spatial=spatial, output=output, train_mode=train_mode,
-        progress=progress,
+        progress=progress, holdout=holdout, target_tolerance=target_tolerance,
+        stop_when_reached=stop_when_reached, mixup=mixup,
     )  # fmt: skip
     resolved = differentiable_measure(config.measure)
     goal = make_target(
@@ -482,4 +688,6 @@ def shift(
     result = runner.run(data, labels=labels, eval_data=eval_data, eval_labels=eval_labels)
     result.seconds = time.perf_counter() - started
     runner.quiet.reissue()
+    if not result.reached:
+        warn(not_reached_message(result), TargetNotReachedWarning)
     return result
