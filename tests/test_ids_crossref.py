@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
+from reference import cka_numpy
 
 import repsim_plugin as rp
 from repsim_plugin.measures.ids import SHARED_IDS, SIMILARITY_REPOSITORY_NAMES, from_similarity_repository
 from repsim_plugin.testing import assert_similar, check_measure
-from tests.reference import cka_numpy
 
 
 def _pair(seed: int = 0, p: int = 5, q: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
