@@ -13,7 +13,7 @@ from .capture import capture
 from .errors import RepsimError
 from .measures import Measure, make
 
-__all__ = ["as_batches", "layer_rows", "per_layer", "similarity_measure", "verdict"]
+__all__ = ["as_batches", "layer_rows", "layer_rows_and_policy", "per_layer", "similarity_measure", "verdict"]
 
 
 def as_batches(inputs: Any) -> list[Any]:
@@ -33,10 +33,18 @@ def as_batches(inputs: Any) -> list[Any]:
 
 def layer_rows(model: nn.Module, inputs: Any, layers: Any, **capture_options: Any) -> dict[str, torch.Tensor]:
     """``{layer: (n, d) float64 rows}`` of ``layers`` of ``model`` over the batches of ``inputs`` (hooks removed)."""
+    return layer_rows_and_policy(model, inputs, layers, **capture_options)[0]
+
+
+def layer_rows_and_policy(
+    model: nn.Module, inputs: Any, layers: Any, **capture_options: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """:func:`layer_rows` and the capture's reduction policy (plain data, for provenance)."""
     with capture(model, layers, **capture_options) as rec:
         for batch in as_batches(inputs):
             rec.forward(batch)
-    return {name: rows.detach().to(torch.float64).cpu() for name, rows in rec.activations.items()}
+    rows = {name: rows.detach().to(torch.float64).cpu() for name, rows in rec.activations.items()}
+    return rows, dict(rec.policy)
 
 
 def similarity_measure(measure: str | Measure) -> Measure:
