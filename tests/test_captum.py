@@ -140,3 +140,21 @@ def test_representation_shift_refuses_bad_settings(cnn) -> None:
         RepresentationShift(model, model.relu3, epsilon=-1.0)
     with pytest.raises(rp.RepsimError, match="one floating-point"):
         _shift(model).perturb((x, x))  # type: ignore[arg-type]
+
+
+def test_captum_example_runs_in_quick_mode(cnn, capsys, monkeypatch) -> None:
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "captum_integration.py"
+    monkeypatch.setattr("sys.argv", [str(script), "--quick"])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(script), run_name="__main__")
+    assert info.value.code == 0
+    out = capsys.readouterr().out.splitlines()
+    blocks = [line.split() for line in out if line.strip().startswith("encoder.layer.")]
+    assert len(blocks) == 6 and all(float(row[1 + i]) == pytest.approx(1.0, abs=1e-9) for i, row in enumerate(blocks))
+    assert float(next(line for line in out if "from rp.compare" in line).split()[-1]) < 1e-10
+    rows = {line.split()[0]: line.split() for line in out if line.strip().startswith(("Original", "Represent", "FGSM"))}
+    assert float(rows["RepresentationShift"][-2]) == 1.0 and float(rows["RepresentationShift"][-1]) < 0.75
+    assert float(next(line for line in out if "with itself" in line).split()[-1]) == pytest.approx(1.0, abs=1e-6)

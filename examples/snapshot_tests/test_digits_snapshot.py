@@ -1,8 +1,9 @@
 """Representation snapshot tests with the ``repsim_snapshot`` fixture (the pytest plugin of repsim-plugin).
 
 The test stores what four layers of a digits CNN compute on 200 held-out digits (spatial maps averaged: a 100 kB
-snapshot) in ``__repsim_snapshots__/`` and, on later runs, fails when any layer's linear CKA with its snapshot falls below 0.99: a refactor, a dependency
-upgrade or a quantized build that changes what a layer computes is caught, and the message names the layer.
+snapshot) in ``__repsim_snapshots__/`` and, on later runs, fails when any layer's linear CKA with its snapshot falls
+below 0.99: a refactor, a dependency upgrade or a quantized build that changes what a layer computes is caught, and
+the message names the layer.
 
     pytest examples/snapshot_tests                     # checks the committed snapshot
     pytest examples/snapshot_tests --repsim-update     # (re)writes it
