@@ -347,7 +347,7 @@ class RepresentationShift(Perturbation):
         norms = grad.flatten(1).norm(dim=1).clamp_min(1e-30)
         return alpha * grad / norms.view(-1, *([1] * (grad.dim() - 1)))
 
-    def perturb(  # type: ignore[override]
+    def perturb(
         self,
         inputs: torch.Tensor,
         epsilon: float | None = None,
