@@ -368,6 +368,11 @@ class RepresentationShift(Perturbation):
         with torch.no_grad():
             clean_rows, clean_out = self._layers.run(x, additional_forward_args)
         reference = next(iter(clean_rows.values())).detach()
+        if not isinstance(clean_out, torch.Tensor) or clean_out.dim() != 2:
+            raise RepsimError(
+                "RepresentationShift keeps predictions, so forward_func must return (batch, classes) logits; got "
+                f"{type(clean_out).__name__}. Wrap the model, e.g. lambda x: model(x).logits."
+            )
         labels = clean_out.argmax(dim=-1)
         best, best_gap = x.clone(), abs(float(self.measure(reference, reference)) - goal)
         x_adv = x.clone()

@@ -70,6 +70,7 @@ def _shift(model: torch.nn.Module) -> RepresentationShift:
 
 def test_attack_comparator_runs_representation_shift(cnn) -> None:
     model, x, y = cnn
+    x, y = x[:48], y[:48]
     shift = _shift(model)
     comparator = AttackComparator(forward_func=shift.forward_with_rows, metric=shift.metric)
     comparator.add_attack(shift, "RepresentationShift")
@@ -140,6 +141,9 @@ def test_representation_shift_refuses_bad_settings(cnn) -> None:
         RepresentationShift(model, model.relu3, epsilon=-1.0)
     with pytest.raises(rp.RepsimError, match="one floating-point"):
         _shift(model).perturb((x, x))  # type: ignore[arg-type]
+    with pytest.raises(rp.RepsimError, match="logits"):
+        RepresentationShift(lambda inp: {"logits": model(inp)}, model.relu3).perturb(x[:8])
+    assert _no_hooks(model)
 
 
 def test_captum_example_runs_in_quick_mode(cnn, capsys, monkeypatch) -> None:
