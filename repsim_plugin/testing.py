@@ -414,8 +414,42 @@ def registered_ids(pattern: str = "*") -> Iterable[str]:
     return list_measures(pattern)
 
 
+def assert_similar(
+    model_a: torch.nn.Module,
+    model_b: torch.nn.Module,
+    inputs: Any,
+    layers: Any,
+    measure: str | Measure = "cka",
+    min_similarity: float = 0.99,
+    *,
+    layers_b: Any = None,
+    **capture_options: Any,
+) -> dict[str, float]:
+    """Assert that each layer of ``model_b`` still computes what the same layer of ``model_a`` does.
+
+    For a refactor, a quantized or compiled model, an upgraded dependency: ``inputs`` (a batch or a list of
+    batches) go through both models, ``layers`` (as in :func:`repsim_plugin.capture`; ``layers_b`` when model B
+    names them differently) are compared position by position with ``measure``. Raises an ``AssertionError``
+    whose first line names each layer below ``min_similarity`` and its value, followed by a per-layer table;
+    returns ``{layer: similarity}`` otherwise. ``capture_options`` (``tokens=``, ``spatial=``, ``output=``, ...)
+    go to the capture of both models.
+    """
+    from ._drift import layer_rows, per_layer, similarity_measure, verdict
+
+    check_params({"min_similarity": Float()}, min_similarity=min_similarity)
+    m = similarity_measure(measure)
+    rows_a = layer_rows(model_a, inputs, layers, **capture_options)
+    rows_b = layer_rows(model_b, inputs, layers if layers_b is None else layers_b, **capture_options)
+    values = per_layer(m, rows_a, rows_b, list(rows_b))
+    message = verdict(values, min_similarity, m.id, "model B against model A, per layer")
+    if message is not None:
+        raise AssertionError(message)
+    return values
+
+
 __all__ = [
     "ConformanceReport",
+    "assert_similar",
     "check_all",
     "check_measure",
     "invariance_transforms",

@@ -159,13 +159,15 @@ def pwcca(X: torch.Tensor, Y: torch.Tensor, *, direction: str = "xy") -> torch.T
 
     ``direction="xy"`` weights by X's neurons (``alpha_i = sum_j |<h_i, x~_j>|``, h_i X's unit canonical
     variates); ``"yx"`` by Y's. The original code picks the side with fewer neurons; here the choice is
-    explicit and part of the id.
+    explicit and part of the id; ``"fewer"`` is that original rule (X's neurons when X has no more than Y).
     """
+    if direction == "fewer":
+        direction = "xy" if X.shape[1] <= Y.shape[1] else "yx"
     if direction == "xy":
         return _pwcca_weighted_by(X, Y)
     if direction == "yx":
         return _pwcca_weighted_by(Y, X)
-    raise UnknownNameError(f"PWCCA direction must be 'xy' or 'yx', got {direction!r}.")
+    raise UnknownNameError(f"PWCCA direction must be 'xy', 'yx' or 'fewer', got {direction!r}.")
 
 
 # --- registration ----------------------------------------------------------------------------------------------------
@@ -269,14 +271,14 @@ def build_pwcca(params: dict[str, Any]) -> Measure:
     """Family builder for ``pwcca-direction=xy-score`` (weights from X) and ``pwcca-direction=yx-score``."""
     params = dict(params)
     direction = params.pop("direction", "xy")
-    _reject_unknown("pwcca", params, "direction ('xy': weights from X's neurons, 'yx': from Y's)")
-    if direction not in ("xy", "yx"):
-        raise UnknownNameError(f"PWCCA direction must be 'xy' or 'yx', got {direction!r}.")
+    _reject_unknown("pwcca", params, "direction ('xy': weights from X's neurons, 'yx': Y's, 'fewer': the smaller side)")
+    if direction not in ("xy", "yx", "fewer"):
+        raise UnknownNameError(f"PWCCA direction must be 'xy', 'yx' or 'fewer', got {direction!r}.")
 
     def fn(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         return pwcca(X, Y, direction=direction)
 
-    side = "X" if direction == "xy" else "Y"
+    side = {"xy": "X", "yx": "Y", "fewer": "the side with fewer"}[direction]
     return Measure(
         fn=fn,
         spec=Spec("pwcca", (("direction", direction),), "score"),

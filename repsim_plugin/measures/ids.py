@@ -100,3 +100,61 @@ def _split_top_level(text: str) -> list[str]:
         raise RepsimError(f"unbalanced parentheses in {text!r}.")
     parts.append("".join(current))
     return parts
+
+
+# --- ids of the similarity-repository registry ---------------------------------------------------------------------
+#
+# similarity-repository (github.com/nacloos/similarity-repository) standardises measure names across ~30 code bases
+# with the same grammar. 28 of our 42 canonical ids appear verbatim in its standardised list (SHARED_IDS); four of
+# its names denote one of our measures under another spelling (SIMILARITY_REPOSITORY_NAMES, plus the parametric
+# svcca-var=<f>-score / svcca-dim=<k>-score); the rest are ours alone (see the README's table).
+
+#: their name -> our canonical id (the same quantity). Their ``pwcca-score`` is google/svcca's ``compute_pwcca``,
+#: which weights the canonical correlations by the side with fewer neurons (X on a tie): our ``direction=fewer``.
+SIMILARITY_REPOSITORY_NAMES: dict[str, str] = {
+    "cca-score": "cca-mean=r-score",
+    "cca-squared_score": "cca-mean=r2-score",
+    "pwcca-score": "pwcca-direction=fewer-score",
+    "svcca-var=0.99-score": "svcca-keep=0.99-score",
+}
+
+#: our canonical ids that similarity-repository's standardised list holds verbatim
+SHARED_IDS: frozenset[str] = frozenset(
+    {
+        "cka-kernel=linear-hsic=gretton-score",
+        "cka-kernel=linear-hsic=song-score",
+        "cka-kernel=(rbf-sigma=0.5)-hsic=gretton-score",
+        "cka-kernel=(rbf-sigma=0.5)-hsic=song-score",
+        "cka-kernel=(rbf-sigma=1.0)-hsic=gretton-score",
+        "cknna-topk=10",
+        "mutual_knn-topk=10",
+        "procrustes-distance=angular",
+        "procrustes-distance=euclidean",
+        "procrustes-score",
+        *(
+            f"rsa-rdm={rdm}-compare={compare}"
+            for rdm in ("correlation", "cosine", "euclidean", "squared_euclidean")
+            for compare in ("pearson", "spearman", "kendall")
+        ),
+        *(f"shape_metric-alpha={a}-distance={d}" for a in ("0.0", "0.5", "1.0") for d in ("angular", "euclidean")),
+    }
+)
+
+_SVCCA_THEIRS = re.compile(r"^svcca-(var|dim)=([0-9.]+)-score$")
+
+
+def from_similarity_repository(name: str) -> str | None:
+    """Our canonical id for a similarity-repository name that spells one of our measures differently, else None.
+
+    ``cca-score``, ``cca-squared_score``, ``pwcca-score``, ``svcca-var=<fraction>-score`` (their fraction of
+    variance kept; ours ``keep=``) and ``svcca-dim=<k>-score`` (ours ``dims=``).
+    """
+    if name in SIMILARITY_REPOSITORY_NAMES:
+        return SIMILARITY_REPOSITORY_NAMES[name]
+    hit = _SVCCA_THEIRS.match(name)
+    if hit is None:
+        return None
+    key, value = hit.groups()
+    if key == "var":
+        return f"svcca-keep={value}-score"
+    return f"svcca-dims={value}-score"

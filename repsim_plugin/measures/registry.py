@@ -22,7 +22,7 @@ import torch
 from .._utils.inputs import prepare_pair
 from .._utils.suggest import did_you_mean
 from ..errors import DegenerateInputError, PluginLoadWarning, RepsimError, UnknownNameError
-from .ids import Spec
+from .ids import Spec, from_similarity_repository
 
 INVARIANCES = frozenset({"orthogonal", "isotropic_scaling", "translation", "invertible_linear", "permutation"})
 ENTRY_POINT_GROUP = "repsim_plugin.measures"
@@ -396,6 +396,8 @@ def make(id_or_alias: str | Measure, **params: Any) -> Measure:
 def _make(name: str, params: dict[str, Any]) -> Measure:
     load_plugins()
     target = _REGISTRY.aliases.get(name, name)
+    if target not in _REGISTRY.measures:  # similarity-repository's spelling of one of ours
+        target = from_similarity_repository(target) or target
     if not params and target in _REGISTRY.measures:
         return _REGISTRY.measures[target]
     try:

@@ -1,0 +1,448 @@
+"""captum-native classes: representation similarity with captum's shapes and verbs.
+
+Each class takes captum's constructor ``(forward_func, layer)`` with module objects, batch-first inputs (a tensor or
+a tuple of tensors) and ``additional_forward_args``, and uses captum's public API only:
+
+- :class:`LayerSimilarity` ``.compare(inputs, other)``: a layer x layer :class:`~repsim_plugin.SimilarityMap`,
+  the same numbers as :func:`repsim_plugin.compare` on the same rows.
+- :class:`RepresentationShift` ``.perturb(inputs)``: a :class:`captum.robust.Perturbation` that moves a layer's
+  representation toward a target similarity to the clean batch's while the predictions stay; it runs in
+  :class:`captum.robust.AttackComparator` (with :meth:`RepresentationShift.metric`) and in
+  :class:`captum.robust.MinParamPerturbation` (with :meth:`RepresentationShift.still_similar`).
+- :class:`AttributionSimilarity` ``.compare(inputs, **attribute_kwargs)`` and :func:`attribution_change`: how
+  alike two models' captum attributions are, one row per sample.
+
+Hooks are removed on every path (they belong to :func:`repsim_plugin.capture`); models are never modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from captum.attr import IntegratedGradients
+from captum.robust import Perturbation
+from torch import nn
+
+from ._utils.checks import Choice, Float, Int, Optional, check_params
+from .capture import capture, reduce_output
+from .capture.policies import infer_layout
+from .errors import RepsimError
+from .measures import Measure, make
+from .results import SimilarityMap, state_dict_fingerprint
+
+__all__ = [
+    "AttributionSimilarity",
+    "LayerSimilarity",
+    "RepresentationShift",
+    "ShiftMetrics",
+    "ShiftOutput",
+    "attribution_change",
+]
+
+
+# --- shared helpers ------------------------------------------------------------------------------------------------
+
+
+def _as_tuple(value: Any) -> tuple[Any, ...]:
+    if value is None:
+        return ()
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _layers(layer: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
+    layers = [layer] if isinstance(layer, nn.Module) else list(layer)
+    if not layers or not all(isinstance(m, nn.Module) for m in layers):
+        raise RepsimError("layer must be a module or a non-empty list of modules (captum's convention: the objects).")
+    return layers
+
+
+class _Call(nn.Module):
+    """A module whose forward is ``forward_func``, holding the layers so that the capture can hook them when
+    ``forward_func`` is a plain function (the layers' own modules are not changed)."""
+
+    def __init__(self, forward_func: Callable[..., Any], layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.fn = forward_func
+        self.held = nn.ModuleList(layers)
+
+    def forward(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
+class _Layers:
+    """Rows of captum-style ``layer`` modules when ``forward_func(*inputs, *additional_forward_args)`` runs."""
+
+    def __init__(self, forward_func: Callable[..., Any], layer: Any, capture_options: dict[str, Any]) -> None:
+        if not callable(forward_func):
+            raise RepsimError(f"forward_func must be a model or a callable, got {type(forward_func).__name__}.")
+        self.forward_func = forward_func
+        self.modules = _layers(layer)
+        self.root: nn.Module = (
+            forward_func if isinstance(forward_func, nn.Module) else _Call(forward_func, self.modules)
+        )
+        owned = {id(m): name for name, m in self.root.named_modules()}
+        missing = [type(m).__name__ for m in self.modules if id(m) not in owned]
+        if missing:
+            raise RepsimError(
+                f"layer(s) {missing} are not submodules of the forward_func model; pass modules of that model."
+            )
+        #: module names inside ``root`` (the capture's keys) and the names shown in results
+        self.keys = [owned[id(m)] for m in self.modules]
+        if isinstance(forward_func, nn.Module):
+            self.names = [key or type(forward_func).__name__ for key in self.keys]
+        else:
+            self.names = [f"{type(m).__name__}_{i}" for i, m in enumerate(self.modules)]
+        self.capture_options = capture_options
+
+    def run(
+        self, inputs: Any, additional_forward_args: Any, *, grad: bool = False, layer_input: bool = False
+    ) -> tuple[dict[str, torch.Tensor], Any]:
+        """``({layer name: (n, d) rows}, forward output)``; rows keep autograd when ``grad``."""
+        args = (*_as_tuple(inputs), *_as_tuple(additional_forward_args))
+        if not layer_input:
+            with capture(self.root, self.modules, grad=grad, **self.capture_options) as rec:
+                out = self.root(*args)
+            found = rec.activations
+            repeated = [key for key in self.keys if key not in found]
+            if repeated:
+                raise RepsimError(
+                    f"layer(s) {repeated} ran more than once per forward; compare them with rp.compare (name#k)."
+                )
+            return {name: found[key] for name, key in zip(self.names, self.keys, strict=True)}, out
+        return self._inputs_of_layers(args, grad)
+
+    def _inputs_of_layers(self, args: tuple[Any, ...], grad: bool) -> tuple[dict[str, torch.Tensor], Any]:
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+            def hook(module: nn.Module, hook_args: tuple[Any, ...]) -> None:
+                if name in seen:
+                    raise RepsimError(f"layer {name!r} ran more than once per forward; its input is ambiguous.")
+                if not hook_args or not isinstance(hook_args[0], torch.Tensor):
+                    raise RepsimError(f"layer {name!r} received no tensor as its first input.")
+                seen[name] = hook_args[0]
+
+            return hook
+
+        handles = [m.register_forward_pre_hook(keep(n)) for n, m in zip(self.names, self.modules, strict=True)]
+        try:
+            with torch.set_grad_enabled(grad or torch.is_grad_enabled()):
+                out = self.root(*args)
+        finally:
+            for handle in handles:
+                handle.remove()
+        tokens = self.capture_options.get("tokens", "mean")
+        spatial = self.capture_options.get("spatial", "flatten")
+        rows = {}
+        for name in self.names:
+            if name not in seen:
+                raise RepsimError(f"layer {name!r} never ran during forward_func; pass a layer the forward uses.")
+            t = seen[name] if grad else seen[name].detach()
+            layout = infer_layout(t, None, "NCHW", False, name)
+            rows[name] = reduce_output(t, layout, tokens=tokens, spatial=spatial, layer=name)
+        return rows, out
+
+
+def _fingerprint(forward_func: Any) -> str | None:
+    return state_dict_fingerprint(forward_func) if isinstance(forward_func, nn.Module) else None
+
+
+# --- LayerSimilarity -----------------------------------------------------------------------------------------------
+
+
+class LayerSimilarity:
+    """Similarity of what captum-style ``layer`` modules compute: ``LayerSimilarity(model, [model.l1, model.l2])``.
+
+    ``capture_options`` (``tokens=``, ``spatial=``, ``output=``, ``layout=``, ``device=``, ``eval_mode=``) go to
+    :func:`repsim_plugin.capture`, whose hooks are removed on every path.
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable[..., Any],
+        layer: nn.Module | Sequence[nn.Module],
+        measure: str | Measure = "cka",
+        **capture_options: Any,
+    ) -> None:
+        self.measure = make(measure)
+        self._layers = _Layers(forward_func, layer, capture_options)
+        self.forward_func = forward_func
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the layers inside ``forward_func`` (class names where it is a plain function)."""
+        return list(self._layers.names)
+
+    def rows(
+        self, inputs: Any, additional_forward_args: Any = None, attribute_to_layer_input: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """``{layer name: (n, d) rows}`` for one batch (a layer's input instead with ``attribute_to_layer_input``)."""
+        with torch.no_grad():
+            rows, _ = self._layers.run(inputs, additional_forward_args, layer_input=attribute_to_layer_input)
+        return {k: v.detach() for k, v in rows.items()}
+
+    def compare(
+        self,
+        inputs: Any,
+        other: LayerSimilarity | None = None,
+        *,
+        other_inputs: Any = None,
+        additional_forward_args: Any = None,
+        other_additional_forward_args: Any = None,
+        attribute_to_layer_input: bool = False,
+    ) -> SimilarityMap:
+        """Layer x layer map of these layers against ``other``'s (None: against themselves) on the same samples.
+
+        ``other_inputs`` feeds ``other`` its own encoding of the same samples (another tokenizer); rows must
+        match in number. Values equal :func:`repsim_plugin.compare` on the same rows.
+        """
+        rows_a = self.rows(inputs, additional_forward_args, attribute_to_layer_input)
+        target = self if other is None else other
+        if other is None and other_inputs is None:
+            rows_b = rows_a
+        else:
+            rows_b = target.rows(
+                inputs if other_inputs is None else other_inputs,
+                additional_forward_args if other_additional_forward_args is None else other_additional_forward_args,
+                attribute_to_layer_input,
+            )
+        values = torch.tensor(
+            [[float(self.measure(a, b).detach()) for b in rows_b.values()] for a in rows_a.values()],
+            dtype=torch.float64,
+        )
+        options = self._layers.capture_options
+        return SimilarityMap(
+            values=values,
+            layers_a=list(rows_a),
+            layers_b=list(rows_b),
+            measure=self.measure.id,
+            estimator="captured",
+            reduction={
+                "tokens": options.get("tokens", "mean"),
+                "spatial": options.get("spatial", "flatten"),
+                "attribute_to_layer_input": attribute_to_layer_input,
+            },
+            n=int(next(iter(rows_a.values())).shape[0]),
+            dtype="float64",
+            fingerprints={"a": _fingerprint(self.forward_func), "b": _fingerprint(target.forward_func)},
+            extra={"model_a": type(self.forward_func).__name__, "model_b": type(target.forward_func).__name__},
+        )
+
+
+# --- RepresentationShift -------------------------------------------------------------------------------------------
+
+
+class ShiftOutput(NamedTuple):
+    """What :meth:`RepresentationShift.forward_with_rows` returns: the model output and the layer's rows."""
+
+    output: torch.Tensor
+    rows: torch.Tensor
+
+
+class ShiftMetrics(NamedTuple):
+    """Per-batch metrics for :class:`captum.robust.AttackComparator`."""
+
+    accuracy: torch.Tensor  # (b,) prediction == label (NaN without labels)
+    agreement: torch.Tensor  # (b,) prediction == the clean input's prediction
+    similarity: torch.Tensor  # (1,) the measure between the layer's rows and the clean batch's
+
+
+SHIFT_PARAMS = {
+    "epsilon": Float(positive=True),
+    "steps": Int(minimum=1),
+    "norm": Choice(("linf", "l2")),
+    "keep_weight": Float(minimum=0),
+    "step_size": Optional(Float(positive=True)),
+    "target": Float(),
+}
+
+
+class RepresentationShift(Perturbation):
+    """A :class:`captum.robust.Perturbation` that moves ``layer``'s representation toward ``target`` similarity to
+    the clean batch's within an ``epsilon`` ball (``norm`` "linf" or "l2", per sample) while predictions stay.
+
+    Projected signed-gradient descent on ``(measure(rows(x'), rows(x)) - target)^2 + keep_weight *
+    cross_entropy(f(x'), f(x).argmax())`` for ``steps`` steps; it returns the iterate closest to ``target`` among
+    those that keep every prediction (the clean batch itself when none does). ``lower_bound`` / ``upper_bound``
+    bound the inputs' values when given (e.g. 0 and 1 for images).
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable[..., Any],
+        layer: nn.Module,
+        measure: str | Measure = "cka",
+        target: float = 0.5,
+        epsilon: float = 0.1,
+        steps: int = 20,
+        norm: str = "linf",
+        *,
+        step_size: float | None = None,
+        keep_weight: float = 1.0,
+        lower_bound: float | None = None,
+        upper_bound: float | None = None,
+        **capture_options: Any,
+    ) -> None:
+        check_params(SHIFT_PARAMS, epsilon=epsilon, steps=steps, norm=norm, keep_weight=keep_weight,
+                     step_size=step_size, target=target)  # fmt: skip
+        self.measure = make(measure)
+        if not self.measure.differentiable:
+            raise RepsimError(f"{self.measure.id} is not differentiable; RepresentationShift needs e.g. 'cka'.")
+        self.forward_func = forward_func
+        self._layers = _Layers(forward_func, [layer], capture_options)
+        self.target, self.epsilon, self.steps, self.norm = float(target), float(epsilon), int(steps), norm
+        self.step_size, self.keep_weight = step_size, float(keep_weight)
+        self.bounds = (lower_bound, upper_bound)
+
+    # -- forward helpers for captum's comparators -----------------------------------------------------------------
+    def forward_with_rows(self, inputs: torch.Tensor, *additional_forward_args: Any) -> ShiftOutput:
+        """``forward_func`` output plus the layer's rows: the ``forward_func`` to give the comparators."""
+        with torch.no_grad():
+            rows, out = self._layers.run(inputs, additional_forward_args)
+        return ShiftOutput(out, next(iter(rows.values())))
+
+    def metric(self, model_out: ShiftOutput, *, clean: torch.Tensor, target: Any = None) -> ShiftMetrics:
+        """AttackComparator metric: accuracy (with ``target`` labels), agreement with and similarity to ``clean``."""
+        reference = self.forward_with_rows(clean)
+        pred = model_out.output.argmax(dim=-1)
+        agreement = (pred == reference.output.argmax(dim=-1)).double()
+        accuracy = (
+            (pred == torch.as_tensor(target, device=pred.device)).double()
+            if target is not None
+            else torch.full_like(agreement, float("nan"))
+        )
+        similarity = self.measure(model_out.rows, reference.rows).detach().reshape(1)
+        return ShiftMetrics(accuracy, agreement, similarity)
+
+    def still_similar(
+        self, model_out: ShiftOutput, *, clean: torch.Tensor, threshold: float, min_agreement: float = 1.0
+    ) -> bool:
+        """MinParamPerturbation ``correct_fn``: False once the similarity to ``clean`` is past ``threshold`` with at
+        least ``min_agreement`` of the predictions kept (the perturbation then "succeeded")."""
+        reference = self.forward_with_rows(clean)
+        value = float(self.measure(model_out.rows, reference.rows).detach())
+        agreement = float((model_out.output.argmax(-1) == reference.output.argmax(-1)).double().mean())
+        past = value < threshold if self.measure.larger_is_more_similar else value > threshold
+        return not (past and agreement >= min_agreement)
+
+    # -- the perturbation -----------------------------------------------------------------------------------------
+    def _project(self, x: torch.Tensor, x_adv: torch.Tensor, epsilon: float) -> torch.Tensor:
+        delta = x_adv - x
+        if self.norm == "linf":
+            delta = delta.clamp(-epsilon, epsilon)
+        else:
+            norms = delta.flatten(1).norm(dim=1).clamp_min(1e-30)
+            delta = delta * (epsilon / norms).clamp(max=1.0).view(-1, *([1] * (delta.dim() - 1)))
+        out = x + delta
+        low, high = self.bounds
+        if low is not None or high is not None:
+            out = out.clamp(low, high)
+        return out
+
+    def _step(self, grad: torch.Tensor, alpha: float) -> torch.Tensor:
+        if self.norm == "linf":
+            return alpha * grad.sign()
+        norms = grad.flatten(1).norm(dim=1).clamp_min(1e-30)
+        return alpha * grad / norms.view(-1, *([1] * (grad.dim() - 1)))
+
+    def perturb(
+        self,
+        inputs: torch.Tensor,
+        epsilon: float | None = None,
+        steps: int | None = None,
+        target: float | None = None,
+        additional_forward_args: Any = None,
+    ) -> torch.Tensor:
+        """Perturbed inputs (same shape) within ``epsilon`` whose layer rows move toward ``target`` similarity
+        to the clean batch's rows, predictions kept. Arguments override the constructor's for this call."""
+        if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
+            raise RepsimError("RepresentationShift perturbs one floating-point input tensor (batch first).")
+        eps = self.epsilon if epsilon is None else float(epsilon)
+        n_steps = self.steps if steps is None else int(steps)
+        goal = self.target if target is None else float(target)
+        check_params(SHIFT_PARAMS, epsilon=eps, steps=n_steps, target=goal)
+        alpha = self.step_size if self.step_size is not None else 2.5 * eps / n_steps
+        x = inputs.detach()
+        with torch.no_grad():
+            clean_rows, clean_out = self._layers.run(x, additional_forward_args)
+        reference = next(iter(clean_rows.values())).detach()
+        if not isinstance(clean_out, torch.Tensor) or clean_out.dim() != 2:
+            raise RepsimError(
+                "RepresentationShift keeps predictions, so forward_func must return (batch, classes) logits; got "
+                f"{type(clean_out).__name__}. Wrap the model, e.g. lambda x: model(x).logits."
+            )
+        labels = clean_out.argmax(dim=-1)
+        best, best_gap = x.clone(), abs(float(self.measure(reference, reference)) - goal)
+        x_adv = x.clone()
+        for step in range(n_steps + 1):
+            x_adv.requires_grad_(True)
+            rows, out = self._layers.run(x_adv, additional_forward_args, grad=True)
+            value = self.measure(next(iter(rows.values())), reference)
+            gap = abs(float(value.detach()) - goal)
+            if gap < best_gap and bool((out.argmax(dim=-1) == labels).all()):
+                best, best_gap = x_adv.detach().clone(), gap
+            if step == n_steps:
+                break
+            loss = (value - goal) ** 2 + self.keep_weight * nn.functional.cross_entropy(out, labels)
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            with torch.no_grad():
+                x_adv = self._project(x, x_adv.detach() - self._step(grad, alpha), eps)
+        return best.to(inputs.dtype)
+
+
+# --- attributions --------------------------------------------------------------------------------------------------
+
+
+def _attribution_rows(attributions: Any) -> torch.Tensor:
+    parts = [a.detach().reshape(a.shape[0], -1) for a in _as_tuple(attributions)]
+    if not parts:
+        raise RepsimError("the attribution method returned nothing.")
+    return torch.cat(parts, dim=1).to(torch.float64)
+
+
+class AttributionSimilarity:
+    """How alike two captum attribution methods' explanations are (e.g. ``IntegratedGradients`` of two models or
+    two checkpoints): one row per sample (its attribution map flattened), compared with ``measure``."""
+
+    def __init__(self, attribution_a: Any, attribution_b: Any, measure: str | Measure = "cka") -> None:
+        for name, method in (("attribution_a", attribution_a), ("attribution_b", attribution_b)):
+            if not callable(getattr(method, "attribute", None)):
+                raise RepsimError(f"{name} must be a captum attribution instance (e.g. IntegratedGradients(model)).")
+        self.attribution_a, self.attribution_b = attribution_a, attribution_b
+        self.measure = make(measure)
+
+    def rows(self, inputs: Any, **attribute_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (n, d) attribution rows of both methods on the same inputs."""
+        rows_a = _attribution_rows(self.attribution_a.attribute(inputs, **attribute_kwargs))
+        rows_b = _attribution_rows(self.attribution_b.attribute(inputs, **attribute_kwargs))
+        return rows_a, rows_b
+
+    def compare(self, inputs: Any, **attribute_kwargs: Any) -> float:
+        """``measure`` between the two methods' attributions of ``inputs`` (``attribute_kwargs`` go to both)."""
+        rows_a, rows_b = self.rows(inputs, **attribute_kwargs)
+        return float(self.measure(rows_a, rows_b).detach())
+
+
+def attribution_change(
+    model_a: Callable[..., Any],
+    model_b: Callable[..., Any],
+    inputs: Any,
+    attribution: Callable[[Any], Any] = IntegratedGradients,
+    target: Any = None,
+    measure: str | Measure = "cka",
+    **attribute_kwargs: Any,
+) -> float:
+    """Similarity of ``model_a``'s and ``model_b``'s ``attribution`` (a captum class) on the same ``inputs``.
+
+    ``target`` as in captum; None explains, for both models, the class ``model_a`` predicts for each input (for
+    (batch, classes) outputs). 1 for a model with itself (deterministic methods); the models are not modified.
+    """
+    if target is None:
+        with torch.no_grad():
+            out = model_a(*_as_tuple(inputs), *_as_tuple(attribute_kwargs.get("additional_forward_args")))
+        if isinstance(out, torch.Tensor) and out.dim() == 2:
+            target = out.argmax(dim=1)
+    similarity = AttributionSimilarity(attribution(model_a), attribution(model_b), measure)
+    return similarity.compare(inputs, target=target, **attribute_kwargs)
