@@ -38,13 +38,16 @@ def map_title(result: Any) -> str:
     marks = []
     if result.null_baseline is not None:
         lines[-1] += f"; unrelated features read {_range_text(result.null_baseline)}"
-        if beats_null(result) is not None:
+        beats = beats_null(result)
+        if beats is not None and not bool(beats.all()):
             marks.append("not beating that")
     weak_sig, stat = not_significant(result)
-    if weak_sig is not None:
+    if weak_sig is not None and bool(weak_sig.any()):
         marks.append(f"{stat} >= {ALPHA:g}")
     if marks:
         lines.append("hatched: " + " or ".join(marks))
+    elif result.null_baseline is not None or weak_sig is not None:
+        lines.append("every cell beats the null" + (f" and has {stat} < {ALPHA:g}" if weak_sig is not None else ""))
     return "\n".join(lines)
 
 

@@ -163,7 +163,7 @@ def trajectory_section(traj: Any, *, heading: str | None = None, level: int = 2,
     header = ["checkpoint", *traj.layers]
     rows = [[ckpt, *(_num(float(v)) for v in traj.values[t].tolist())] for t, ckpt in enumerate(traj.checkpoints)]
     if traj.null_baseline is not None:
-        rows.append(["(null baseline, first)", *(_num(float(v)) for v in traj.null_baseline[0].tolist())])
+        rows.append(["null baseline (unrelated features)", *(_num(float(v)) for v in traj.null_baseline[0].tolist())])
     parts += [f"<{sub}>Values</{sub}>", table(header, rows)]
     if maps:
         for name, m in traj.maps.items():
