@@ -138,10 +138,14 @@ class Trajectory:
             list(steps), labels=[short_label(c, 22) for c in self.checkpoints], rotation=30, ha="right", fontsize=8
         )
         if info.low is not None and info.high is not None:
-            ax.set_ylim(info.low, info.high + 0.02 * (info.high - info.low))
-        ax.set_ylabel(f"{info.short} to {short_label(self.reference, 24)} ({info.direction})", fontsize=8)
-        extra = "; dotted: unrelated features of that shape" if self.null_baseline is not None else ""
-        ax.set_title(f"each layer against {self.reference}: {info.short}, n={self.n}{extra}", fontsize=9)
+            shown = [float(self.values.min())] + (
+                [] if self.null_baseline is None else [float(self.null_baseline.min())]
+            )
+            low = max(info.low, min(0.0, *shown))  # a measure bounded below -1 rarely goes there: start at 0
+            ax.set_ylim(low, info.high + 0.02 * (info.high - low))
+        ax.set_ylabel(f"{info.short} ({info.direction})", fontsize=8)
+        extra = "\ndotted: unrelated features of each layer's shape" if self.null_baseline is not None else ""
+        ax.set_title(f"each layer against {short_label(self.reference, 32)}, n={self.n}{extra}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
         return finish_plot(fig, ax, path_or_ax)
