@@ -108,7 +108,7 @@ def short_label(name: str, width: int = 28) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1) :]
 
 
-_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\\/\s,@]+)+[\\/]([^\\/\s,@]+)")
+_PATH = re.compile(r"(?:[\\/][^\\/\s,@]+)+[\\/]([^\\/\s,@]+)")
 
 
 def short_model(label: str, width: int = 48) -> str:
