@@ -175,7 +175,8 @@ def _cca_note(subset: Change, measures: dict[str, Measure], rank: int) -> list[s
         f"p - 1 of its canonical correlations with the original stay 1 (mean CCA >= (p-1)/p = "
         f"{(rank - 1) / rank:.3f}; this holds for the measures that read only the column span: "
         f"{', '.join(span_only)}), while CKA and Procrustes see a large change. The bound does not cover SVCCA "
-        f"(it first drops low-variance directions, which the move changes) or PWCCA: read their own values. A vs A': {', '.join(shown)}."
+        "(it first drops low-variance directions, which the move changes) or PWCCA: read their own values. "
+        f"A vs A': {', '.join(shown)}."
     ]
 
 
