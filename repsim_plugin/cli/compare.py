@@ -226,10 +226,6 @@ def _layers(values: Sequence[str] | None) -> list[str] | None:
     return list(values) if values else None
 
 
-def _layers(values: Sequence[str] | None) -> list[str] | None:
-    return list(values) if values else None
-
-
 def _report(result: SimilarityMap, out: Path) -> None:
     """Write ``out.json`` and ``out.png`` (both atomically), say so, and print the summary."""
     written = [result.save(out.with_suffix(".json")), out.with_suffix(".png")]

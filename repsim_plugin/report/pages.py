@@ -89,7 +89,7 @@ def _cells_table(result: Any) -> str:
         for j, b in enumerate(result.layers_b):
             row: list[Any] = [a, Cell(esc(b), "l"), _num(float(result.values[i, j]))]
             for k in present:
-                value = float(stats[k][i, j])  # type: ignore[index]
+                value = float(stats[k][i, j])
                 row.append(_p(value) if k in ("p_value", "q_value") else _num(value))
             rows.append(row)
             classes.append("weak" if weak is not None and bool(weak[i, j]) else "")
