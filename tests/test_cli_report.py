@@ -87,3 +87,19 @@ def test_permutations_flag_follows_what_compare_accepts(checkpoints, tmp_path, c
         assert rp.SimilarityMap.load(tmp_path / "m.json").p_values is not None
     else:
         assert code == 2 and "--permutations is not available yet" in capsys.readouterr().err
+
+
+def test_audit_report_writes_a_page(checkpoints, tmp_path, capsys):
+    data = tmp_path / "x.pt"
+    torch.save(torch.from_numpy(np.load(checkpoints / "x.npy")), data)
+    argv = [
+        "audit", "--model-a", DIGITS, "--checkpoint-a", str(checkpoints / "early.pt"), "--checkpoint-b",
+        str(checkpoints / "late.pt"), "--layer-a", "relu3", "--data", str(data), "--steps", "0",
+        "--measures", "cka", "mean_cca", "--out", str(tmp_path / "audit"), "--report", str(tmp_path / "page"),
+        "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert f"report: {(tmp_path / 'page' / 'index.html').resolve()}" in capsys.readouterr().out
+    page = read_page(tmp_path / "page" / "index.html")
+    assert len(page.images) == 1 and (tmp_path / "page" / "audit.png").exists()
+    assert (tmp_path / "page" / "audit.json").exists() and page.tables[0][0][:3] == ["change", "outputs kept", "cka"]
