@@ -43,7 +43,8 @@ def checkpoints_report(
         result.save(folder / f"{stem}.json")
         result.plot(folder / f"{stem}.png")
         map_page(result, folder / f"{stem}.html", title=f"{key[0]} vs {key[1]}")
-        entries.append(IndexEntry(f"{key[0]} vs {key[1]}", f"{stem}.html", map_summary(result), None))
+        thumb = (folder / f"{stem}.png").read_bytes()
+        entries.append(IndexEntry(f"{key[0]} vs {key[1]}", f"{stem}.html", map_summary(result), thumb))
     page = index_page(folder / "index.html", "checkpoint comparison", entries)
     print(f"report: {page.resolve()}")
     return page

@@ -63,7 +63,8 @@ def map_summary(result: Any) -> str:
     weak_sig, stat = not_significant(result)
     if weak_sig is not None:
         parts.append(f"{counts['not_significant']} of {total} cells have {stat} &ge; {ALPHA:g} (permutation test).")
-    if weak_cells(result) is not None:
+    weak = weak_cells(result)
+    if weak is not None and bool(weak.any()):
         parts.append("Marked cells (hatched in the heatmap, greyed in the table) are not evidence of similarity.")
     return " ".join(parts)
 
