@@ -63,13 +63,13 @@ def train(out: Path, steps: int, size: int, batch: int) -> list[Path]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--out", default="timm-out", help="folder for the checkpoints, the trajectory and the page")
-    parser.add_argument("--quick", action="store_true", help="6 steps on 16x16 images, 48 held-out digits (for tests)")
+    parser.add_argument("--quick", action="store_true", help="3 steps on 16x16 images, 48 held-out digits (for tests)")
     args = parser.parse_args()
     out = Path(args.out)
     warnings.simplefilter("ignore", SmallSampleBiasWarning)
     start = time.perf_counter()
     size = 16 if args.quick else 32
-    paths = train(out / "checkpoints", steps=6 if args.quick else 300, size=size, batch=32 if args.quick else 64)
+    paths = train(out / "checkpoints", steps=3 if args.quick else 300, size=size, batch=16 if args.quick else 64)
     _, _, Xte, yte = load_digits_split()
     n = 48 if args.quick else 256
     data = list(zip(upscale(Xte[:n], size).split(24), yte[:n].split(24), strict=True))

@@ -76,7 +76,7 @@ def test_hf_layer_map(tmp_path):
 def test_compare_timm_checkpoints(tmp_path):
     _run(str(ROOT / "examples" / "compare_timm_checkpoints.py"), "--quick", "--out", str(tmp_path))
     traj = json.loads((tmp_path / "trajectory.json").read_text())
-    assert traj["reference"] == "step0006.safetensors" and len(traj["checkpoints"]) == 3
+    assert traj["reference"] == "step0003.safetensors" and len(traj["checkpoints"]) == 3
     assert traj["layers"] == ["act1", "layer1", "layer2", "layer3", "layer4"]
     assert all(-1 <= v <= 1 for row in traj["values"] for v in row)
     assert len(read_page(tmp_path / "index.html").images) == 4  # the trajectory and three maps
