@@ -14,9 +14,10 @@ from . import errors, measures
 # the packages ``capture`` and ``compare`` are named after their main function, which is what ``rp.capture`` /
 # ``rp.compare`` are (a package attribute is set to a submodule only when the submodule is first loaded, here)
 from .capture import capture
-from .compare import compare, compare_checkpoints
+from .compare import checkpoint_trajectory, compare, compare_checkpoints
 from .errors import RepsimError
 from .results import SimilarityMap
+from .trajectory import Trajectory
 
 __version__ = "0.1.0"
 
@@ -32,7 +33,9 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 __all__ = [
     "RepsimError",
     "SimilarityMap",
+    "Trajectory",
     "capture",
+    "checkpoint_trajectory",
     "compare",
     "compare_checkpoints",
     "errors",

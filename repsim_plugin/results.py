@@ -26,7 +26,6 @@ import torch
 
 from ._utils.checks import Bool, Constraint, Float, Int, Optional, Where, check_params
 from ._utils.io import write_text
-from ._utils.plotting import axes_for, finish_plot
 from ._utils.plotting import save_figure as save_figure  # was defined here; kept importable
 from ._utils.suggest import did_you_mean
 from .errors import InputShapeError, NonFiniteInputError, RepsimError, UnknownNameError
@@ -37,8 +36,6 @@ SCHEMA = "repsim_plugin.SimilarityMap"
 SCHEMA_VERSION = 1
 #: Known estimator names (others are accepted, e.g. from plugins; these are the ones the package produces).
 ESTIMATORS = ("feature_streaming", "sample_space", "minibatch", "captured")
-#: Maps larger than this many cells are not annotated by default.
-_ANNOTATE_MAX_CELLS = 256
 
 
 class _Colormap(Constraint):
@@ -218,6 +215,8 @@ class SimilarityMap:
     extra: dict[str, Any] = field(default_factory=dict)
     #: Benjamini-Hochberg adjusted p-values over the whole map (same shape), when p_values were computed
     q_values: torch.Tensor | None = None
+    #: expected value for independent features of each cell's shape (:func:`repsim_plugin.nulls.null_baseline`)
+    null_baseline: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.layers_a = _layer_names(self.layers_a, "a")
@@ -259,6 +258,8 @@ class SimilarityMap:
             self.q_values = _as_matrix(self.q_values, "q_values", shape)
             if bool(((self.q_values < 0) | (self.q_values > 1)).any()):
                 raise RepsimError("q_values must lie in [0, 1].")
+        if self.null_baseline is not None:
+            self.null_baseline = _as_matrix(self.null_baseline, "null_baseline", shape)
 
     # --- access ---
     @property
@@ -330,6 +331,7 @@ class SimilarityMap:
             "p_values": None if self.p_values is None else _matrix_to_json(self.p_values),
             "q_values": None if self.q_values is None else _matrix_to_json(self.q_values),
             "extra": dict(self.extra),
+            "null_baseline": None if self.null_baseline is None else _matrix_to_json(self.null_baseline),
         }
 
     @classmethod
@@ -375,6 +377,7 @@ class SimilarityMap:
             p_values=data.get("p_values"),
             q_values=data.get("q_values"),
             extra=data.get("extra") or {},
+            null_baseline=data.get("null_baseline"),
         )
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -419,19 +422,59 @@ class SimilarityMap:
         )
 
     # --- views ---
-    def to_dataframe(self) -> Any:
-        """Wide pandas DataFrame: index = layers_a, columns = layers_b (needs pandas)."""
+    def to_dataframe(self, long: bool = False) -> Any:
+        """A pandas DataFrame (needs pandas): wide by default, one row per cell with ``long=True``.
+
+        Wide: index = layers_a, columns = layers_b, the values. Long: columns ``layer_a``, ``layer_b``, ``value``,
+        ``p_value``, ``q_value``, ``low``, ``high``, ``null`` (NaN where the map has no such statistic),
+        ``measure`` and ``estimator``, rows in map order (row-major).
+        """
         try:
             import pandas as pd
         except ImportError as err:  # pragma: no cover - pandas is a dev dependency
             raise ModuleNotFoundError("to_dataframe needs pandas: pip install pandas.") from err
-        frame = pd.DataFrame(
-            self.values.numpy().copy(),
-            index=pd.Index(self.layers_a, name="layer_a"),
-            columns=pd.Index(self.layers_b, name="layer_b"),
-        )
+        if not isinstance(long, bool):
+            raise RepsimError(f"long must be True or False, got {long!r}.")
+        if long:
+            frame = pd.DataFrame(self.cells())
+        else:
+            frame = pd.DataFrame(
+                self.values.numpy().copy(),
+                index=pd.Index(self.layers_a, name="layer_a"),
+                columns=pd.Index(self.layers_b, name="layer_b"),
+            )
         frame.attrs.update({"measure": self.measure, "estimator": self.estimator, "n": self.n})
         return frame
+
+    def statistics(self) -> dict[str, torch.Tensor | None]:
+        """The per-cell matrices besides the values: ``p_value``, ``q_value``, ``low``, ``high``, ``null``."""
+        q_values = getattr(self, "q_values", None)  # filled by compare(..., permutations=N)
+        return {
+            "p_value": self.p_values,
+            "q_value": q_values if isinstance(q_values, torch.Tensor) else None,
+            "low": None if self.intervals is None else self.intervals[0],
+            "high": None if self.intervals is None else self.intervals[1],
+            "null": self.null_baseline,
+        }
+
+    def cells(self) -> list[dict[str, Any]]:
+        """One dict per cell, row-major: layer names, value, every statistic (NaN when absent), measure, estimator."""
+        stats = self.statistics()
+        rows = []
+        for i, a in enumerate(self.layers_a):
+            for j, b in enumerate(self.layers_b):
+                row: dict[str, Any] = {"layer_a": a, "layer_b": b, "value": float(self.values[i, j])}
+                for name, matrix in stats.items():
+                    row[name] = float("nan") if matrix is None else float(matrix[i, j])
+                row.update(measure=self.measure, estimator=self.estimator)
+                rows.append(row)
+        return rows
+
+    def to_html(self, path: str | os.PathLike[str], *, title: str | None = None) -> Path:
+        """One self-contained page (no network): heatmap, values and statistics as a table, provenance."""
+        from .report.pages import map_page
+
+        return map_page(self, path, title=title)
 
     def plot(
         self,
@@ -444,33 +487,16 @@ class SimilarityMap:
         title: str | None = None,
         dpi: int = 120,
     ) -> Any:
-        """Labelled heatmap (rows = layers of A, columns = layers of B) with a colorbar and the measure in the title.
+        """Labelled heatmap (rows = layers of A, columns = layers of B); see :func:`repsim_plugin.report.heatmap`.
 
+        The colour scale is fixed to the measure's declared range when it is bounded (``vmin`` / ``vmax``
+        override it); the title names the measure's short name, n and the estimator; the colour bar says which
+        way is more similar; cells that do not beat the null baseline (or are not significant) are hatched.
         ``path_or_ax``: a file path (the format from its suffix, written atomically; returns the Figure), a
         matplotlib Axes to draw into (returns it), or None (returns a new Figure; no pyplot state is touched).
         ``annotate``: write the values in the cells; by default only for maps of at most 256 cells.
         """
         check_params(PLOT_PARAMS, annotate=annotate, cmap=cmap, vmin=vmin, vmax=vmax, title=title, dpi=dpi)
-        La, Lb = self.shape
-        fig, ax = axes_for(path_or_ax, (max(4.0, 1.2 + 0.45 * Lb), max(3.5, 1.2 + 0.4 * La)), dpi)
-        data = self.values.numpy()
-        image = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
-        ax.set_xticks(range(Lb), labels=self.layers_b, rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(La), labels=self.layers_a, fontsize=8)
-        ax.set_xlabel(str(self.extra.get("model_b", "model B")) + " layers")
-        ax.set_ylabel(str(self.extra.get("model_a", "model A")) + " layers")
-        ax.set_title(title if title is not None else f"{self.measure}\n{self.estimator}, n={self.n}", fontsize=9)
-        fig.colorbar(image, ax=ax, label=self.measure)
-        if annotate is None:
-            annotate = La * Lb <= _ANNOTATE_MAX_CELLS
-        if annotate:
-            _annotate(ax, data, image.get_clim())
-        return finish_plot(fig, ax, path_or_ax)
+        from .report.heatmap import plot_map
 
-
-def _annotate(ax: Any, data: np.ndarray, clim: tuple[float, float]) -> None:
-    """Write each cell's value into it, dark on the bright half of the colour scale, light on the dark half."""
-    mid = (clim[0] + clim[1]) / 2
-    for (i, j), value in np.ndenumerate(data):
-        color = "black" if value > mid else "white"
-        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
+        return plot_map(self, path_or_ax, annotate=annotate, cmap=cmap, vmin=vmin, vmax=vmax, title=title, dpi=dpi)

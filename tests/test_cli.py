@@ -112,8 +112,14 @@ def test_compare_a_pair_of_checkpoints(tmp_path, capsys):
     )
     assert code == 0
     result = _read_map(tmp_path / "out" / "seed0__vs__seed1")
-    direct = rp.compare(
-        a, b, list(Xte[:120].split(32)), ["relu1", "relu2", "relu3"], ["relu1", "relu2", "relu3"], progress=False
+    direct = rp.compare(  # the command's default measure is debiased CKA
+        a,
+        b,
+        list(Xte[:120].split(32)),
+        ["relu1", "relu2", "relu3"],
+        ["relu1", "relu2", "relu3"],
+        measure="debiased_cka",
+        progress=False,
     )
     assert torch.allclose(result.values, direct.values, atol=1e-12)
     assert result.extra["checkpoint_b"].endswith("seed1.safetensors")

@@ -195,7 +195,9 @@ def test_plot_writes_a_real_png(tmp_path):
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == m.layers_a
     assert [t.get_text() for t in ax.get_xticklabels()] == m.layers_b
-    assert m.measure in ax.get_title()
+    assert ax.get_title().startswith("cka: ") and "n=512" in ax.get_title()  # short name, n, estimator
+    assert ax.images[0].get_clim() == (0.0, 1.0)  # the measure's declared range, not the data's
+    assert "higher = more similar" in fig.axes[1].get_ylabel()
     assert len(fig.axes) == 2  # heatmap + colorbar
     assert len(ax.texts) == 48  # annotated cells
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.png"]

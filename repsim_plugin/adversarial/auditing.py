@@ -10,7 +10,7 @@ measure says before and after each change (the changes are objects of :mod:`.cha
 2. **subset translation** (Theorem 1 / Corollary 4 of Davari et al., ICLR 2023): one class of samples moved
    along a direction the next linear layer cannot see (the model's own head when ``layer_a`` feeds a linear
    layer, checked end to end by running the model with the translation injected; else a linear probe fitted
-   on the representation); the change is rank one, so the CCA family barely moves while CKA collapses;
+   on the representation); the change is rank one, so mean CCA stays >= (p-1)/p while CKA collapses;
 3. **a single outlier**: one sample moved far along the same direction.
 
 Every measure is reported side by side: a claim that holds for one measure and not the others is a claim about
@@ -180,7 +180,10 @@ def _cca_note(subset: Change, measures: dict[str, Measure], rank: int) -> list[s
     return [
         f"The subset translation adds a rank-one matrix to A's representation (rank p = {rank}), so at least "
         f"p - 1 of its canonical correlations with the original stay 1 (mean CCA >= (p-1)/p = "
-        f"{(rank - 1) / rank:.3f}), while CKA and Procrustes see a large change. A vs A': {', '.join(shown)}."
+        f"{(rank - 1) / rank:.3f}; this holds for the measures that read only the column span: "
+        f"{', '.join(span_only)}), while CKA and Procrustes see a large change. The bound does not cover SVCCA "
+        "(it first drops low-variance directions, which the move changes) or PWCCA: read their own values. "
+        f"A vs A': {', '.join(shown)}."
     ]
 
 

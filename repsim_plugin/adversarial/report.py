@@ -248,6 +248,12 @@ class AuditReport:
         lines += [_shift_row(name, result) for name, result in self.shifts.items()]
         return lines
 
+    def to_html(self, path: str | Path, *, title: str | None = None) -> Path:
+        """One self-contained page (no network): claim, reachable range, plot, tables, notes, provenance."""
+        from ..report.pages import audit_page
+
+        return audit_page(self, path, title=title)
+
     # --- plot -------------------------------------------------------------------------------------------------
 
     def plot(self, path_or_ax: Any = None, *, dpi: int = 120) -> Any:

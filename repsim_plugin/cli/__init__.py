@@ -1,4 +1,4 @@
-"""The ``repsim`` command: ``repsim compare``, ``repsim audit``, ``repsim measures``, ``repsim demo``.
+"""The ``repsim`` command: ``repsim compare``, ``layers``, ``audit``, ``measures``, ``demo``.
 
 Models are named ``timm:NAME`` (built with ``pretrained=False``; give weights with ``--checkpoint-*``),
 ``hf:PATH`` (a local HuggingFace model folder, loaded offline) or ``module:pkg.mod:factory`` (any callable returning an
@@ -16,13 +16,13 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import RepsimError
-from . import audit, compare, demo, measures
+from . import audit, compare, demo, layers, measures
 from .loaders import IMAGE_SUFFIXES, LoadedModel, load_data, load_labels, load_model
 
 __all__ = ["IMAGE_SUFFIXES", "LoadedModel", "build_parser", "load_data", "load_labels", "load_model", "main"]
 
 #: The subcommands, in the order ``repsim --help`` lists them.
-COMMANDS = (compare, measures, demo, audit)
+COMMANDS = (compare, layers, measures, demo, audit)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -83,7 +83,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, help="resize images to this size (default: the model's)")
     parser.add_argument("--seed", type=int, default=defaults["seed"])
     parser.add_argument("--out", default="repsim-audit", help="folder for audit.md, audit.json and audit.png")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--report", metavar="DIR", help="also write DIR/index.html (a self-contained page) and its files"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=cmd_audit)
     return parser
 
@@ -131,6 +134,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
         **shift_options,
     )
     _write_report(report, Path(args.out))
+    if args.report:
+        from .report import audit_report
+
+        audit_report(report, Path(args.report))
     return 0
 
 

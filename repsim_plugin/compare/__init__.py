@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from .api import COMPARE_PARAMS, compare, compare_checkpoints, load_checkpoint
+from .api import COMPARE_PARAMS, checkpoint_trajectory, compare, compare_checkpoints, load_checkpoint
 from .plan import DEFAULT_MEMORY_BUDGET, ESTIMATOR_CHOICES, Plan, choose_estimator, parse_bytes
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "DEFAULT_MEMORY_BUDGET",
     "ESTIMATOR_CHOICES",
     "Plan",
+    "checkpoint_trajectory",
     "choose_estimator",
     "compare",
     "compare_checkpoints",

@@ -24,12 +24,14 @@ from .._utils.io import load_state_dict
 from ..capture import Recorder
 from ..errors import RepsimError
 from ..measures import Measure, make
+from ..nulls import null_baseline_map
 from ..results import SimilarityMap
+from ..trajectory import Trajectory
 from .engine import Engine, Pair, Side, make_side, run
 from .plan import DEFAULT_MEMORY_BUDGET, parse_bytes
 from .resume import open_resume
 
-__all__ = ["COMPARE_PARAMS", "compare", "compare_checkpoints", "load_checkpoint"]
+__all__ = ["COMPARE_PARAMS", "checkpoint_trajectory", "compare", "compare_checkpoints", "load_checkpoint"]
 
 #: Constraints of the options of :func:`compare` and :func:`compare_checkpoints` (the capture options and the
 #: estimator are checked where they are used: by the recorder and the planner).
@@ -60,8 +62,21 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return load_state_dict(path)
 
 
+def _null(engine: Engine, pair: Pair, names: tuple[list[str], list[str]], n: int) -> tuple[Any, str]:
+    """The null baseline of every cell, from the layers' widths in the last batch's rows (see :mod:`..nulls`)."""
+    rows_a, rows_b = engine.rows(pair)
+    try:
+        dims_a = [int(rows_a[name].shape[1]) for name in names[0]]
+        dims_b = [int((rows_a if rows_b is None else rows_b)[name].shape[1]) for name in names[1]]
+    except KeyError:
+        return None, "no null baseline: the layers' widths were not available"
+    return null_baseline_map(engine.measure, n, dims_a, dims_b)
+
+
 def _result(engine: Engine, pair: Pair, *, seed: int | None, extra: Mapping[str, Any]) -> SimilarityMap:
     values, names_a, names_b = engine.compute(pair)
+    n = dist.global_count(engine.sides[pair.i].n - engine.skipped_rows)
+    null, null_note = _null(engine, pair, (names_a, names_b), n)
     side_a, side_b = engine.sides[pair.i], engine.sides[pair.j]
     policy_a, policy_b = side_a.recorder.policy, side_b.recorder.policy
     reduction = dict(policy_a) if policy_a == policy_b else {"a": policy_a, "b": policy_b}
@@ -74,7 +89,7 @@ def _result(engine: Engine, pair: Pair, *, seed: int | None, extra: Mapping[str,
         measure=engine.measure.id,
         estimator=engine.plan.estimator,
         reduction=reduction,
-        n=dist.global_count(side_a.n - engine.skipped_rows),
+        n=n,
         dtype=str(engine.dtype).replace("torch.", ""),
         seed=seed,
         fingerprints={"a": side_a.recorder.adapter.fingerprint(), "b": side_b.recorder.adapter.fingerprint()},
@@ -86,8 +101,10 @@ def _result(engine: Engine, pair: Pair, *, seed: int | None, extra: Mapping[str,
             **({"data_fingerprint_b": _hexdigest(hashes[side_b.stream])} if side_b.stream != side_a.stream else {}),
             "world_size": dist.world_size(),
             **({"minibatch_skipped_rows": engine.skipped_rows} if engine.skipped_rows else {}),
+            "null_baseline_note": null_note,
             **extra,
         },
+        null_baseline=null,
     )
 
 
@@ -393,3 +410,19 @@ def compare_checkpoints(
         )
         for p in pairs
     }
+
+
+def checkpoint_trajectory(
+    build_model: Callable[[], nn.Module],
+    checkpoints: Sequence[str | Path],
+    data: Iterable[Any],
+    *,
+    reference: int | str | Path = 0,
+    **options: Any,
+) -> Trajectory:
+    """Each layer's similarity to the ``reference`` checkpoint across the series (a :class:`Trajectory`).
+
+    ``compare_checkpoints(build_model, checkpoints, data, reference=reference, **options)``, read along the
+    series: layer k of the reference against layer k of every other checkpoint, in the order given.
+    """
+    return Trajectory.from_maps(compare_checkpoints(build_model, checkpoints, data, reference=reference, **options))
