@@ -89,3 +89,32 @@ def test_assert_similar_refuses_a_distance() -> None:
     model = _mlp(0)
     with pytest.raises(rp.RepsimError, match="distance"):
         assert_similar(model, model, torch.randn(8, 6), ["0"], measure="procrustes_distance")
+
+
+def test_assert_similar_on_huggingface_and_timm_models() -> None:
+    import timm
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    torch.manual_seed(0)
+    bert = transformers.BertModel(config).eval()
+    ids = torch.randint(1, 50, (24, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[:8, 5:] = 0  # padded sentences: tokens="mean" averages real tokens only
+    batch = {"input_ids": ids, "attention_mask": mask}
+    values = assert_similar(bert, copy.deepcopy(bert), batch, ["encoder.layer.*"])
+    assert list(values) == ["encoder.layer.0", "encoder.layer.1"]
+    changed = copy.deepcopy(bert)
+    with torch.no_grad():
+        changed.encoder.layer[1].output.dense.weight.normal_()
+    with pytest.raises(AssertionError, match=r"^1 of 2 layers .*: encoder\.layer\.1 \("):
+        assert_similar(bert, changed, batch, ["encoder.layer.*"])
+
+    net = timm.create_model("resnet10t", pretrained=False, num_classes=5).eval()
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert set(assert_similar(net, copy.deepcopy(net), images, ["layer1", "layer4"], spatial="mean")) == {
+        "layer1",
+        "layer4",
+    }
