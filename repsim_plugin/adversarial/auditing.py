@@ -204,6 +204,49 @@ def _bar(enabled: bool, total: int) -> Any:
     return tqdm(total=total, desc="audit", unit="change", leave=False)
 
 
+def _attribution_inputs(s: AuditSetting, attributions: Any, limit: int, notes: list[str]) -> torch.Tensor | None:
+    """The evaluation inputs whose attributions are compared, or None (with a note) when they cannot be."""
+    if attributions is None:
+        return None
+    if not callable(attributions):
+        raise RepsimError(
+            f"attributions must be a captum attribution class such as captum.attr.IntegratedGradients, got "
+            f"{type(attributions).__name__}."
+        )
+    check_one({"attribution_samples": Int(minimum=2)}, "attribution_samples", limit)
+    inputs = [c.inputs for c in s.chunks]
+    if not s.classify or not all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in inputs):
+        notes.append(
+            "Attributions not compared: they are computed for a classifier's (batch, classes) output on "
+            "floating-point input tensors (for token inputs, use captum's LayerIntegratedGradients with "
+            "repsim_plugin.captum.AttributionSimilarity)."
+        )
+        return None
+    return torch.cat(inputs)[:limit].to(model_device(s.model_a))
+
+
+def _attribution_similarity(
+    s: AuditSetting, changed: nn.Module, inputs: torch.Tensor, attributions: Any, kwargs: dict[str, Any]
+) -> float:
+    from ..captum import attribution_change
+
+    with train_flags_kept(s.model_a), train_flags_kept(changed):
+        s.model_a.eval()
+        changed.eval()
+        return attribution_change(s.model_a, changed, inputs, attribution=attributions, **kwargs)
+
+
+def _attribution_note(changes: list[Change], attributions: Any, n: int) -> str:
+    name = getattr(attributions, "__name__", type(attributions).__name__)
+    shown = [f"{c.name} {c.attributions:.3f}" for c in changes if c.attributions is not None]
+    return (
+        f"Explanations: linear CKA of the original and the fine-tuned A's {name} attributions on {n} evaluation "
+        f"inputs (1 = the same explanations up to scale and rotation): {', '.join(shown) or 'none computed'}. The "
+        "subset translation and the outlier change the layer's rows, not A's weights, so they have no "
+        "attributions of their own."
+    )
+
+
 def _reachable(changes: list[Change], claim: str) -> tuple[tuple[float, str], tuple[float, str]]:
     """The lowest and highest claim value among the original and the changes whose outputs were checked and kept
     (a change that could not be checked, e.g. no classifier to read predictions from, does not count)."""
@@ -237,6 +280,9 @@ def audit(
     spatial: str = "flatten",
     batch_size: int = 128,
     names: tuple[str, str] | None = None,
+    attributions: Any = None,
+    attribution_kwargs: dict[str, Any] | None = None,
+    attribution_samples: int = 64,
     **shift_kwargs: Any,
 ) -> AuditReport:
     """Audit the claim ``claim_measure(model_a.layer_a, model_b.layer_b)`` (see the module docstring).
@@ -255,6 +301,11 @@ def audit(
         stress_target: the CKA the subset translation and the outlier are scaled to reach (when reachable).
         names: labels of the two models in the report.
         progress: one bar over the changes, and one bar of steps per fine-tuning run; False silences them.
+        attributions: a captum attribution class (e.g. ``captum.attr.IntegratedGradients``): each fine-tuning
+            run also reports how alike the original and the fine-tuned A's attributions are (linear CKA over
+            ``attribution_samples`` evaluation inputs, one row per input; :func:`repsim_plugin.captum.
+            attribution_change`), i.e. whether the explanations were kept, not only the outputs.
+            ``attribution_kwargs`` go to ``attribute`` (e.g. ``{"n_steps": 16}``).
         shift_kwargs: passed on to :func:`shift` (``lr``, ``temperature``, ``lambda_init``, ``batch_size`` ...).
     """
     started = time.perf_counter()
@@ -310,10 +361,17 @@ def audit(
         if steps != 0
     ]  # fmt: skip
     bar = _bar(progress, len(runs) + 1)
+    explain = _attribution_inputs(s, attributions, attribution_samples, notes)
     for run in runs:
         bar.set_description(f"audit: fine-tuning toward {run.target:g}")
         changes.append(run.row(s))
+        if explain is not None and run.result is not None:
+            changes[-1].attributions = _attribution_similarity(
+                s, run.result.model, explain, attributions, attribution_kwargs or {}
+            )
         bar.update(1)
+    if explain is not None and runs:
+        notes.append(_attribution_note(changes, attributions, explain.shape[0]))
     bar.set_description("audit: subset translation, outlier")
     changes += _analytic_rows(s, stress_target, seed, notes)
     bar.update(1)

@@ -43,6 +43,8 @@ class Change:
     kept: bool | None = None
     kept_by: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    #: similarity of the original and the changed A's input attributions (``audit(..., attributions=...)``)
+    attributions: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +56,7 @@ class Change:
             "kept": self.kept,
             "kept_by": self.kept_by,
             "details": plain(self.details),
+            "attributions": self.attributions,
         }
 
 
@@ -300,9 +303,10 @@ def _num(value: float | None) -> str:
 
 
 def _kept_cell(item: Change) -> str:
+    explained = "" if item.attributions is None else f"; attributions kept {item.attributions:.3f} (CKA)"
     if item.kept is None:
-        return item.kept_by or "—"
-    return ("yes: " if item.kept else "**no**: ") + item.kept_by
+        return (item.kept_by or "—") + explained
+    return ("yes: " if item.kept else "**no**: ") + item.kept_by + explained
 
 
 def _shift_row(name: str, result: ShiftResult) -> str:
