@@ -17,6 +17,7 @@ Hooks are removed on every path (they belong to :func:`repsim_plugin.capture`); 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -25,10 +26,11 @@ from captum.attr import IntegratedGradients
 from captum.robust import Perturbation
 from torch import nn
 
+from ._utils.batches import train_flags_kept
 from ._utils.checks import Choice, Float, Int, Optional, check_params
 from .capture import capture, reduce_output
 from .capture.policies import infer_layout
-from .errors import RepsimError
+from .errors import NonFiniteInputError, RepsimError
 from .measures import Measure, make
 from .results import SimilarityMap, state_dict_fingerprint
 
@@ -290,6 +292,7 @@ class RepresentationShift(Perturbation):
         self.measure = make(measure)
         if not self.measure.differentiable:
             raise RepsimError(f"{self.measure.id} is not differentiable; RepresentationShift needs e.g. 'cka'.")
+        self.measure.check_target(target)
         self.forward_func = forward_func
         self._layers = _Layers(forward_func, [layer], capture_options)
         self.target, self.epsilon, self.steps, self.norm = float(target), float(epsilon), int(steps), norm
@@ -395,11 +398,28 @@ class RepresentationShift(Perturbation):
 # --- attributions --------------------------------------------------------------------------------------------------
 
 
-def _attribution_rows(attributions: Any) -> torch.Tensor:
+def _attribution_rows(attributions: Any, name: str) -> torch.Tensor:
     parts = [a.detach().reshape(a.shape[0], -1) for a in _as_tuple(attributions)]
     if not parts:
-        raise RepsimError("the attribution method returned nothing.")
-    return torch.cat(parts, dim=1).to(torch.float64)
+        raise RepsimError(f"the attribution method of {name} returned nothing.")
+    rows = torch.cat(parts, dim=1).to(torch.float64)
+    if not bool(torch.isfinite(rows).all()):
+        raise NonFiniteInputError(
+            f"the attributions of {name} contain NaN or Inf ({int((~torch.isfinite(rows)).any(1).sum())} of "
+            f"{rows.shape[0]} samples): check that the inputs are finite and the model's outputs do not overflow "
+            "(e.g. run it in float32 rather than float16)."
+        )
+    return rows
+
+
+def _explain(method: Any, inputs: Any, kwargs: dict[str, Any], name: str) -> torch.Tensor:
+    """``method``'s attribution rows, its model in eval mode meanwhile (explanations are of the model at inference;
+    in train mode every forward would update its batch-norm statistics), every flag restored afterwards."""
+    model = getattr(method, "forward_func", None)
+    if not isinstance(model, nn.Module):
+        return _attribution_rows(method.attribute(inputs, **kwargs), name)
+    with train_flags_kept(model):
+        return _attribution_rows(method.attribute(inputs, **kwargs), name)
 
 
 class AttributionSimilarity:
@@ -415,8 +435,15 @@ class AttributionSimilarity:
 
     def rows(self, inputs: Any, **attribute_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The (n, d) attribution rows of both methods on the same inputs."""
-        rows_a = _attribution_rows(self.attribution_a.attribute(inputs, **attribute_kwargs))
-        rows_b = _attribution_rows(self.attribution_b.attribute(inputs, **attribute_kwargs))
+        for x in _as_tuple(inputs):
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                bad = int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).sum())
+                raise NonFiniteInputError(
+                    f"the inputs to explain contain NaN or Inf ({bad} of {x.shape[0]} samples); attributions of "
+                    "such inputs mean nothing. Drop those samples or find where they come from."
+                )
+        rows_a = _explain(self.attribution_a, inputs, attribute_kwargs, "attribution_a")
+        rows_b = _explain(self.attribution_b, inputs, attribute_kwargs, "attribution_b")
         return rows_a, rows_b
 
     def compare(self, inputs: Any, **attribute_kwargs: Any) -> float:
@@ -439,8 +466,13 @@ def attribution_change(
     ``target`` as in captum; None explains, for both models, the class ``model_a`` predicts for each input (for
     (batch, classes) outputs). 1 for a model with itself (deterministic methods); the models are not modified.
     """
+    if not isinstance(attribution, type):
+        raise RepsimError(
+            f"attribution must be a captum attribution class such as captum.attr.IntegratedGradients (the class, "
+            f"not an instance), got {type(attribution).__name__}."
+        )
     if target is None:
-        with torch.no_grad():
+        with torch.no_grad(), train_flags_kept(model_a) if isinstance(model_a, nn.Module) else contextlib.nullcontext():
             out = model_a(*_as_tuple(inputs), *_as_tuple(attribute_kwargs.get("additional_forward_args")))
         if isinstance(out, torch.Tensor) and out.dim() == 2:
             target = out.argmax(dim=1)

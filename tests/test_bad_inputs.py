@@ -22,9 +22,11 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 import torch
+from captum.attr import Saliency
 from torch import nn
 
 import repsim_plugin as rp
+from repsim_plugin import captum as rp_captum
 from repsim_plugin import errors
 from repsim_plugin.cli import main as cli_main
 
@@ -496,7 +498,7 @@ CASES = [
         "shift-negative-steps",
         lambda tmp: rp.adversarial.shift(A, "0", DATA, steps=-1, progress=False),
         errors.RepsimError,
-        r"steps must be a non-negative integer",
+        r"steps must be (None or )?a non-negative integer",
     ),
     Case(
         "shift-unknown-measure",
@@ -640,9 +642,52 @@ CASES = [
         None,
     ),
     # --- captum (repsim_plugin/captum.py, issue 14) -------------------------------------------------------------------
-    # LEAD: add the captum classes' rows here once repsim_plugin/captum.py is merged (LayerSimilarity with an unknown
-    # layer / a layer object of another model, RepresentationShift with mismatched n, AttributionSimilarity with
-    # NaN attributions). Each row: Case(kind, call, error class, pattern naming the problem and the fix).
+    Case(
+        "captum-layer-of-another-model",
+        lambda tmp: rp_captum.LayerSimilarity(A, B[0]).compare(DATA[0]),
+        errors.RepsimError,
+        r"not submodules of the forward_func model; pass modules of that model",
+    ),
+    Case(
+        "captum-layer-name-not-module",
+        lambda tmp: rp_captum.LayerSimilarity(A, "0").compare(DATA[0]),
+        errors.RepsimError,
+        r"module or a non-empty list of modules",
+    ),
+    Case(
+        "captum-other-inputs-mismatched-n",
+        lambda tmp: (
+            __import__("repsim_plugin.captum")
+            .captum.LayerSimilarity(A, A[0])
+            .compare(DATA[0], rp_captum.LayerSimilarity(B, B[0]), other_inputs=DATA[1][:10])
+        ),
+        errors.InputShapeError,
+        r"16 samples.*10.*same samples",
+    ),
+    Case(
+        "captum-shift-target-out-of-range",
+        lambda tmp: rp_captum.RepresentationShift(A, A[2], target=1.5),
+        errors.RepsimError,
+        r"outside .*range \[0, 1\].*give a value in that range",
+    ),
+    Case(
+        "captum-shift-negative-epsilon",
+        lambda tmp: rp_captum.RepresentationShift(A, A[2], target=0.3, epsilon=-1.0),
+        errors.RepsimError,
+        r"epsilon must be a positive number",
+    ),
+    Case(
+        "captum-attributions-of-nan-inputs",
+        lambda tmp: rp_captum.attribution_change(A, B, DATA[0] * float("nan"), attribution=Saliency),
+        errors.NonFiniteInputError,
+        r"NaN or Inf.*Drop those samples",
+    ),
+    Case(
+        "captum-attribution-not-a-class",
+        lambda tmp: rp_captum.attribution_change(A, B, DATA[0], attribution=3),
+        errors.RepsimError,
+        r"captum attribution class such as captum.attr.IntegratedGradients",
+    ),
 ]
 
 #: Rows whose kind is tried through the command line: the ``cli()`` call asserts the exit status itself.
@@ -777,8 +822,10 @@ def test_cli_best_match_is_the_argmin_for_distances(tmp_path: Path, capsys: pyte
         "1",
     ]
     assert cli_main(argv) == 0
-    lines = [line.split() for line in capsys.readouterr().out.splitlines() if "best match" in line]
-    assert [(line[0], line[3]) for line in lines] == [("fc1", "fc1"), ("relu1", "relu1"), ("fc2", "fc2")]
+    out = capsys.readouterr().out.splitlines()
+    table = out[next(i for i, line in enumerate(out) if "best match in B" in line) + 1 :]
+    rows = [line.split() for line in table if line.startswith("  ") and line.split()[0] in ("fc1", "relu1", "fc2")]
+    assert [(row[0], row[1]) for row in rows] == [("fc1", "fc1"), ("relu1", "relu1"), ("fc2", "fc2")]
 
 
 def test_cli_seed_seeds_the_models_it_builds(tmp_path: Path) -> None:

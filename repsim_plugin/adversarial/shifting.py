@@ -684,6 +684,10 @@ def shift(
         layer=layer, target=target, reference=reference, eval_reference=eval_reference, target_map=target_map,
         map_layers=map_layers, mode=config.mode,
     )  # fmt: skip
+    if isinstance(goal, MapTarget):
+        resolved.check_target(goal.matrix, "target_map")
+    else:
+        resolved.check_target(goal.value)
     runner = Shifter(model, resolved, goal, config)
     result = runner.run(data, labels=labels, eval_data=eval_data, eval_labels=eval_labels)
     result.seconds = time.perf_counter() - started

@@ -153,6 +153,17 @@ class Measure:
             )
         return value
 
+    def check_target(self, value: float | torch.Tensor, name: str = "target") -> None:
+        """Refuse a value (or matrix of values) outside the measure's declared range: it can never be reached."""
+        low, high = self.value_range
+        values = torch.as_tensor(value, dtype=torch.float64)
+        if (low is not None and bool((values < low).any())) or (high is not None and bool((values > high).any())):
+            shown = f"[{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}]"
+            raise RepsimError(
+                f"{name} {float(values.min() if low is not None and bool((values < low).any()) else values.max()):g} "
+                f"lies outside {self.id}'s range {shown}, so it can never be reached; give a value in that range."
+            )
+
     def exact_estimators(self) -> dict[str, Estimator]:
         """The declared estimators that compute this measure exactly, in declaration order."""
         return {name: e for name, e in self.estimators.items() if e.exact}
