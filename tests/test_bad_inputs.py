@@ -643,6 +643,12 @@ CASES = [
     ),
     # --- captum (repsim_plugin/captum.py, issue 14) -------------------------------------------------------------------
     Case(
+        "audit-unknown-layer",
+        lambda tmp: rp.adversarial.audit(A, "nope", B, "0", [DATA[0]], steps=0, progress=False),
+        errors.UnknownNameError,
+        r"no module named 'nope'. The known names are: '0', '1'",
+    ),
+    Case(
         "captum-layer-of-another-model",
         lambda tmp: rp_captum.LayerSimilarity(A, B[0]).compare(DATA[0]),
         errors.RepsimError,

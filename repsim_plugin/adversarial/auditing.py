@@ -29,6 +29,7 @@ from torch import nn
 from .._utils.batches import model_device, to_device, train_flags_kept
 from .._utils.checks import Instance, Int, Optional, Where, check_one, check_params
 from ..adapters import for_model
+from ..capture import resolve_layers
 from ..errors import DegenerateInputError, RepsimError
 from ..measures import Measure, make
 from ..measures.kernels import NULL_BIAS_WARNING, expected_null_cka
@@ -310,6 +311,8 @@ def audit(
     """
     started = time.perf_counter()
     check_params(AUDIT_PARAMS, model_a=model_a, model_b=model_b, layer_a=layer_a, layer_b=layer_b)
+    resolve_layers(model_a, [layer_a])  # an unknown layer is named (with the modules there are) before any work
+    resolve_layers(model_b, [layer_b])
     resolved = _resolve_measures(measures, claim_measure)
     check_one(AUDIT_PARAMS, "steps", steps)
     clash = sorted(RESERVED_SHIFT_OPTIONS & set(shift_kwargs))

@@ -65,6 +65,13 @@ class _Layout:
         return [list(self.names), list(self.dims)]
 
 
+def held_bytes(*kept: Mapping[str, Sequence[torch.Tensor]] | None) -> int:
+    """Bytes of the row batches an accumulator holds (checked against the memory budget as they grow)."""
+    return sum(
+        t.numel() * t.element_size() for rows in kept if rows is not None for batches in rows.values() for t in batches
+    )
+
+
 def label_a(name: str) -> str:
     return f"acts_a[{name!r}]"
 

@@ -15,7 +15,7 @@ from .._utils import dist
 from .._utils.checks import Bool, Callable_, check_params
 from ..errors import RepsimError, TooFewSamplesError
 from ._reductions import COUNT, ROWS
-from ._rows import Acts, Rows, check_kept_shapes, check_same_rows, keep_rows, order_like, stacked
+from ._rows import Acts, Rows, check_kept_shapes, check_same_rows, held_bytes, keep_rows, order_like, stacked
 from .base import SAME, MapAccumulator, Maps
 
 __all__ = ["KEPT_ROWS_PARAMS", "KeptRowsMap"]
@@ -73,13 +73,7 @@ class KeptRowsMap(MapAccumulator):
     @property
     def kept_bytes(self) -> int:
         """Bytes of the rows held now."""
-        return sum(
-            t.numel() * t.element_size()
-            for rows in (self._rows_a, self._rows_b)
-            if rows is not None
-            for batches in rows.values()
-            for t in batches
-        )
+        return held_bytes(self._rows_a, self._rows_b)
 
     # --- streaming ---
     def update(self, acts_a: Acts, acts_b: Acts | None = None) -> None:

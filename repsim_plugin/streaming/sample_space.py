@@ -23,6 +23,7 @@ from ._rows import (
     _Layout,
     check_kept_shapes,
     check_same_rows,
+    held_bytes,
     keep_rows,
     order_like,
     ratio_table,
@@ -92,13 +93,7 @@ class SampleSpaceCKAMap(MapAccumulator):
     @property
     def kept_bytes(self) -> int:
         """Bytes of the rows held now (an engine checks them against its memory budget as they grow)."""
-        return sum(
-            t.numel() * t.element_size()
-            for rows in (self._rows_a, self._rows_b)
-            if rows is not None
-            for batches in rows.values()
-            for t in batches
-        )
+        return held_bytes(self._rows_a, self._rows_b)
 
     # --- streaming ---
     def update(self, acts_a: Acts, acts_b: Acts | None = None) -> None:
