@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._utils.checks import AnyOf, Float, Int, check_params
+from ._utils.checks import SEED, AnyOf, Float, Int, check_params
 
 Split = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -32,7 +32,7 @@ LOAD_DIGITS_SPLIT_PARAMS = {
     "test_size": AnyOf((Float(positive=True, below=1.0), Int(minimum=1)), "a fraction in (0, 1) or a count >= 1"),
 }
 #: The options of :func:`train_digits_cnn` and :func:`train_digits_mlp`.
-TRAIN_DIGITS_PARAMS = {"seed": Int()}
+TRAIN_DIGITS_PARAMS = {"seed": SEED}
 
 
 @functools.cache

@@ -28,7 +28,7 @@ from ._utils.checks import Bool, Constraint, Float, Int, Optional, Where, check_
 from ._utils.io import write_text
 from ._utils.plotting import save_figure as save_figure  # was defined here; kept importable
 from ._utils.suggest import did_you_mean
-from .errors import InputShapeError, NonFiniteInputError, RepsimError, UnknownNameError
+from .errors import InputDtypeError, InputShapeError, NonFiniteInputError, RepsimError, UnknownNameError
 
 __all__ = ["ESTIMATORS", "SCHEMA", "SCHEMA_VERSION", "SimilarityMap", "collect_versions", "state_dict_fingerprint"]
 
@@ -123,6 +123,10 @@ def state_dict_fingerprint(model_or_state_dict: torch.nn.Module | Mapping[str, t
 
 
 def _as_matrix(value: Any, name: str, shape: tuple[int, int]) -> torch.Tensor:
+    if (isinstance(value, torch.Tensor) and value.dtype == torch.bool) or (
+        isinstance(value, np.ndarray) and value.dtype == np.bool_
+    ):
+        raise InputDtypeError(f"{name} is a boolean matrix; a similarity map holds numbers (e.g. values.double()).")
     try:
         t = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as err:

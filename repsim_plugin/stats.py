@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ._utils.checks import Choice, Float, Int, Optional, check_params
+from ._utils.checks import SEED, Choice, Float, Int, Optional, check_params
 from ._utils.inputs import prepare_pair
 from .errors import RepsimError, SmallSampleBiasWarning
 from .measures import Measure, make
@@ -123,7 +123,7 @@ STATS_PARAMS = {
     "n": Int(minimum=1),
     "d1": Int(minimum=1),
     "d2": Optional(Int(minimum=1)),
-    "seed": Int(),
+    "seed": SEED,
     "alternative": Optional(Choice(ALTERNATIVES)),
     "method": Choice(METHODS),
     "alpha": Float(minimum=0.0, below=1.0, positive=True),

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ._utils.checks import Bool, Float, Instance, Int, Optional, check_params
+from ._utils.checks import SEED, Bool, Float, Instance, Int, Optional, check_params
 from .errors import RepsimError, RepsimWarning, SmallSampleBiasWarning, TooFewSamplesError
 from .measures import INVARIANCES, Measure, list_measures, make
 
@@ -100,7 +100,7 @@ CHECK_MEASURE_PARAMS = {
     "n": Optional(Int(minimum=1)),
     "p": Int(minimum=1),
     "q": Int(minimum=1),
-    "seed": Int(),
+    "seed": SEED,
     "atol": Float(minimum=0),
     "rtol": Float(minimum=0),
     "trials": Int(minimum=1),

@@ -1011,3 +1011,43 @@ def test_an_interrupt_anywhere_in_compare_or_shift_leaves_the_model_as_it_was(at
         assert now["flags"] == before["flags"] and now["grad"] == before["grad"]
         assert all(torch.equal(now["state"][k], v) for k, v in before["state"].items())
     Interrupting.calls.update(n=0, at=-1)
+
+
+# --- REDTEAM 12 and 17: the analytic transforms at extreme scales, values that can never be right ---------------
+
+
+def test_transforms_keep_their_direction_and_closed_forms_at_extreme_scales() -> None:
+    from repsim_plugin.adversarial import transforms as tf
+
+    H = torch.randn(50, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    v = torch.randn(6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    mask = torch.zeros(50, dtype=torch.bool)
+    mask[:10] = True
+    moved = tf.translate_subset(H, mask, v, 5.0)
+    assert torch.allclose(tf.translate_subset(H, mask, v * 1e300, 5.0), moved, rtol=0, atol=1e-12)
+    assert torch.allclose(tf.translate_subset(H, mask, v * 1e-300, 5.0), moved, rtol=0, atol=1e-12)
+    for scale in (1e-160, 1e160):
+        assert float(tf.participation_ratio(H * scale)) == pytest.approx(float(tf.participation_ratio(H)), rel=1e-12)
+        assert float(tf.subset_translation_limit(H * scale, mask)) == pytest.approx(
+            float(tf.subset_translation_limit(H, mask)), rel=1e-12
+        )
+        assert float(tf.outlier_limit(H * scale, 3)) == pytest.approx(float(tf.outlier_limit(H, 3)), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("call", "pattern"),
+    [
+        (lambda: rp.adversarial.transforms.scale_for_target_cka(X, torch.arange(64) < 9, torch.ones(10), 1.5),
+         r"outside .*range \[0, 1\]"),
+        (lambda: rp.adversarial.audit(A, "0", B, "0", [DATA[0]], steps=0, progress=False, tolerance=-1),
+         r"tolerance must be a non-negative number <= 1"),
+        (lambda: rp.SimilarityMap(torch.ones(2, 2, dtype=torch.bool), ["a", "b"], ["c", "d"], "cka"),
+         r"boolean matrix; a similarity map holds numbers"),
+        (lambda: rp.stats.permutation_test("cka", X, Y, n_permutations=10, seed=2**70),
+         r"seed must be an integer in \["),
+    ],
+    ids=["target-above-cka-range", "negative-tolerance", "boolean-map-values", "seed-beyond-torch"],
+)  # fmt: skip
+def test_values_that_can_never_be_right_are_refused(call: Callable[[], Any], pattern: str) -> None:
+    with pytest.raises(errors.RepsimError, match=pattern):
+        call()

@@ -87,6 +87,10 @@ class Int(Constraint):
         return out
 
 
+#: A random seed: any integer torch.Generator.manual_seed takes (larger ones would overflow inside torch).
+SEED = Int(minimum=-(2**63), maximum=2**64 - 1)
+
+
 @dataclass(frozen=True)
 class Float(Constraint):
     """A finite real number (int or float, not a bool), optionally bounded; ``positive`` excludes 0."""

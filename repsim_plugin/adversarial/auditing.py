@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .._utils.batches import model_device, to_device, train_flags_kept
-from .._utils.checks import Instance, Int, Optional, Where, check_one, check_params
+from .._utils.checks import Float, Instance, Int, Optional, Where, check_one, check_params
 from ..adapters import for_model
 from ..capture import resolve_layers
 from ..errors import DegenerateInputError, RepsimError
@@ -79,6 +79,7 @@ AUDIT_PARAMS = {
     "layer_b": Where(_layer_name, "a layer name", bad=("", 3, None)),
     "steps": Optional(Int(minimum=0)),
     "targets": Where(_pair, "a (low, high) pair", bad=((0.0,), (0.0, 0.5, 1.0), 3)),
+    "tolerance": Float(minimum=0, maximum=1),
 }
 
 
@@ -315,6 +316,7 @@ def audit(
     resolve_layers(model_b, [layer_b])
     resolved = _resolve_measures(measures, claim_measure)
     check_one(AUDIT_PARAMS, "steps", steps)
+    check_one(AUDIT_PARAMS, "tolerance", tolerance)
     clash = sorted(RESERVED_SHIFT_OPTIONS & set(shift_kwargs))
     if clash:
         raise RepsimError(

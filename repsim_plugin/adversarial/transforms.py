@@ -32,7 +32,9 @@ import torch
 
 from .._utils.inputs import check_matrix, check_not_constant
 from ..errors import DegenerateInputError, InputDtypeError, InputShapeError, UnknownNameError
+from ..measures import make
 from ..measures.kernels import center_columns
+from ..measures.registry import unit_scale
 
 __all__ = [
     "add_outlier",
@@ -122,10 +124,11 @@ def _direction(direction: Any, d: int, device: torch.device, name: str = "direct
         )
     if not bool(torch.isfinite(v).all()):
         raise DegenerateInputError(f"{name} contains NaN or Inf; pass a finite vector.")
-    norm = torch.linalg.vector_norm(v)
-    if float(norm) == 0.0:
+    peak = v.abs().amax()
+    if float(peak) == 0.0:
         raise DegenerateInputError(f"{name} is the zero vector, which has no direction; pass a non-zero vector.")
-    return v / norm
+    v = v / peak  # first to unit scale: the norm of entries near 1e154 and above would overflow to inf
+    return v / torch.linalg.vector_norm(v)
 
 
 def _scalar(value: Any, name: str) -> float:
@@ -233,7 +236,7 @@ def participation_ratio(X: Any) -> torch.Tensor:
 
     Between 1 (all variance along one direction) and d (isotropic). Computed as ``tr(G)^2 / ||G||_F^2``.
     """
-    Xc = center_columns(_analytic_data(X))
+    Xc = center_columns(unit_scale(_analytic_data(X)))  # scale-free: at unit scale nothing over- or underflows
     return Xc.square().sum().square() / _gram_frobenius(Xc).square()
 
 
@@ -247,7 +250,7 @@ def subset_translation_limit(X: Any, mask: Any) -> torch.Tensor:
     ``sqrt(PR) / E||x||^2 = 1 / sqrt(sum lambda_i^2)``. The value does not depend on the direction, and is
     the same whichever side of the mask moves.
     """
-    _, a, gram_norm, s = _subset_statistics(X, mask)
+    _, a, gram_norm, s = _subset_statistics(unit_scale(_data(X)), mask)  # scale-free, computed at unit scale
     return a.square().sum() / (s * gram_norm)
 
 
@@ -297,6 +300,7 @@ def scale_for_target_cka(
     Theorem 1's limit are in the message).
     """
     target = _scalar(target, "target")
+    make("cka").check_target(target)
     X = _analytic_data(X)
     scale = float(center_columns(X).square().sum(dim=1).mean().sqrt())
     cs = scale * torch.logspace(-6, math.log10(max_scale), grid, dtype=torch.float64)
@@ -332,7 +336,7 @@ def outlier_limit(X: Any, index: int) -> torch.Tensor:
     Theorem 1 with one moved row (``m = 1``), exactly: ``||a||^2 / (s ||G||_F)`` with ``a = x^``,
     ``s = (n - 1) / n``.
     """
-    X = _analytic_data(X)
+    X = unit_scale(_analytic_data(X))  # scale-free, computed at unit scale
     n = X.shape[0]
     i = _index(index, n)
     if n < 2:
