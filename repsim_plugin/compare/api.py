@@ -217,6 +217,7 @@ def compare(
         check_data(data_b, "data_b")
     m = make(measure)
     with_stats = permutations is not None or bootstrap is not None
+    forced = with_stats and estimator == "auto"
     if with_stats:
         estimator = stats_estimator(m, estimator)
         seed = 0 if seed is None else seed
@@ -247,6 +248,8 @@ def compare(
         keep_grams=with_stats,
     )
     result = _result(engine, pair, seed=seed, extra=_resumed(resume))
+    if forced:
+        result.extra["estimator_reason"] = "chosen for permutations= / bootstrap=: they need the kept (n, n) Grams"
     if with_stats:
         stats_seed = 0 if seed is None else seed
         add_statistics(
