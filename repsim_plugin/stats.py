@@ -119,7 +119,7 @@ def _measure(measure: str | Measure) -> Measure:
 STATS_PARAMS = {
     "n_permutations": Int(minimum=1),
     "n_boot": Int(minimum=1),
-    "n_samples": Int(minimum=1),
+    "n_samples": Int(minimum=2),  # a spread needs two draws (one gives std NaN)
     "n": Int(minimum=1),
     "d1": Int(minimum=1),
     "d2": Optional(Int(minimum=1)),

@@ -1051,3 +1051,9 @@ def test_transforms_keep_their_direction_and_closed_forms_at_extreme_scales() ->
 def test_values_that_can_never_be_right_are_refused(call: Callable[[], Any], pattern: str) -> None:
     with pytest.raises(errors.RepsimError, match=pattern):
         call()
+
+
+def test_a_null_baseline_of_one_draw_is_refused_rather_than_a_nan_spread() -> None:
+    with pytest.raises(errors.RepsimError, match=r"n_samples must be .*>= 2"):
+        rp.stats.null_baseline("cka", 30, 4, 4, n_samples=1)
+    assert np.isfinite(rp.stats.null_baseline("cka", 30, 4, 4, n_samples=2).std)
