@@ -58,6 +58,7 @@ def main() -> int:
             page = result.to_html(out / "index.html", title=f"{args.measure} over {world} processes")
             print(result.to_dataframe().round(3).to_string())
             print(f"open {page.resolve()}")
+        dist.barrier()  # every rank leaves together: a rank tearing gloo down while another still runs can abort
     finally:
         dist.destroy_process_group()
     return 0

@@ -250,6 +250,8 @@ class SimilarityMap:
                 raise RepsimError("intervals: some low bounds exceed their high bounds; pass (low, high) in order.")
             self.intervals = (low, high)
         if self.interval_level is not None:
+            if isinstance(self.interval_level, bool) or not isinstance(self.interval_level, int | float):
+                raise RepsimError(f"interval_level must be a number in (0, 1), e.g. 0.95, got {self.interval_level!r}.")
             level = float(self.interval_level)
             if not 0.0 < level < 1.0:
                 raise RepsimError(f"interval_level must lie in (0, 1), e.g. 0.95, got {self.interval_level!r}.")

@@ -105,6 +105,8 @@ class NullBaseline:
 
     def quantile(self, q: float) -> float:
         """The ``q`` quantile of the null samples (e.g. 0.95 for a one-sided 5% threshold)."""
+        if isinstance(q, bool) or not isinstance(q, int | float) or not 0.0 <= q <= 1.0:
+            raise RepsimError(f"q must be a number in [0, 1] (e.g. 0.95), got {q!r}.")
         return float(torch.quantile(self.samples, q))
 
 

@@ -1045,8 +1045,20 @@ def test_transforms_keep_their_direction_and_closed_forms_at_extreme_scales() ->
          r"boolean matrix; a similarity map holds numbers"),
         (lambda: rp.stats.permutation_test("cka", X, Y, n_permutations=10, seed=2**70),
          r"seed must be an integer in \["),
+        (lambda: rp.SimilarityMap(torch.ones(2, 2), ["a", "b"], ["c", "d"], "cka", interval_level="0.95"),
+         r"interval_level must be a number in \(0, 1\)"),
+        (lambda: rp.stats.null_baseline("cka", 30, 4, 4, n_samples=5).quantile(1.5), r"q must be a number in \[0, 1\]"),
+        (lambda: rp.adversarial.transforms.scale_for_target_cka(X, torch.arange(64) < 9, torch.ones(10), 0.2, grid=0),
+         r"grid must be an integer >= 2"),
+        (lambda: rp.adversarial.transforms.scale_for_target_cka(X, torch.arange(64) < 9, torch.ones(10), 0.2,
+                                                               max_scale=-1), r"max_scale must be a finite number"),
+        (lambda: rp.measures.make("rbf_cka", sigma=1e300)(X, Y), r"sigma=1e\+300 is outside \(0, 1e150\]"),
     ],
-    ids=["target-above-cka-range", "negative-tolerance", "boolean-map-values", "seed-beyond-torch"],
+    ids=[
+        "target-above-cka-range", "negative-tolerance", "boolean-map-values", "seed-beyond-torch",
+        "interval-level-string", "null-quantile-above-1", "stress-grid-0", "stress-negative-max-scale",
+        "rbf-sigma-overflow",
+    ],
 )  # fmt: skip
 def test_values_that_can_never_be_right_are_refused(call: Callable[[], Any], pattern: str) -> None:
     with pytest.raises(errors.RepsimError, match=pattern):

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .._utils.inputs import check_matrix, check_not_constant
-from ..errors import DegenerateInputError, InputDtypeError, InputShapeError, UnknownNameError
+from ..errors import DegenerateInputError, InputDtypeError, InputShapeError, RepsimError, UnknownNameError
 from ..measures import make
 from ..measures.kernels import center_columns
 from ..measures.registry import unit_scale
@@ -301,6 +301,13 @@ def scale_for_target_cka(
     """
     target = _scalar(target, "target")
     make("cka").check_target(target)
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
+        raise RepsimError(f"grid must be an integer >= 2 (points of the log grid of c), got {grid!r}.")
+    if not 1e-6 < _scalar(max_scale, "max_scale") < math.inf:
+        raise RepsimError(
+            f"max_scale must be a finite number above 1e-6 (the grid runs from 1e-6 to max_scale times the data "
+            f"scale), got {max_scale!r}."
+        )
     X = _analytic_data(X)
     scale = float(center_columns(X).square().sum(dim=1).mean().sqrt())
     cs = scale * torch.logspace(-6, math.log10(max_scale), grid, dtype=torch.float64)

@@ -164,6 +164,11 @@ DEFAULT_BANDWIDTH = "median_sq_full"
 
 def rbf_bandwidth(D: torch.Tensor, sigma: float, rule: str = DEFAULT_BANDWIDTH) -> torch.Tensor:
     """Squared bandwidth ``s^2`` of the RBF kernel ``exp(-d^2 / (2 s^2))`` from squared distances ``D``."""
+    if not 0.0 < float(sigma) <= 1e150:  # beyond, sigma^2 overflows and every kernel entry would read 1
+        raise RepsimError(
+            f"sigma={float(sigma):g} is outside (0, 1e150]: the RBF kernel needs a positive width whose square is "
+            "finite (a huge width makes every kernel entry 1; use linear CKA for very wide kernels)."
+        )
     if rule == "fixed":
         return torch.as_tensor(float(sigma) ** 2, dtype=D.dtype, device=D.device)
     if rule == "median_sq_full":
