@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..report.html import figure_png
 from ..report.pages import IndexEntry, audit_page, index_page, map_page, map_summary, trajectory_page
 
 __all__ = ["audit_report", "checkpoints_report", "map_report"]
@@ -35,7 +34,7 @@ def checkpoints_report(
                 f"trajectory against {trajectory.reference}",
                 "trajectory.html",
                 f"Each layer against {trajectory.reference} across {len(trajectory.checkpoints)} checkpoints.",
-                figure_png(trajectory.plot()),
+                (folder / "trajectory.png").read_bytes(),  # the plot just written, not drawn a second time
             )
         )
     for key, result in maps.items():
