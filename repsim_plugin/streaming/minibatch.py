@@ -20,11 +20,10 @@ from ..measures.kernels import (
     KERNELS,
     MIXED_MIN_FLOPS,
     cka_from_hsic,
+    deviation_gram64,
     hsic_unbiased,
     hsic_unbiased_table,
     resolve_kernel,
-    row_squares64,
-    symmetric_product,
 )
 from ._reductions import COUNT, SUM, SUM3
 from ._rows import F64, Acts, check_same_rows, label_a, label_b, label_x, label_y, order_like, ratio_table, self_hsic
@@ -103,8 +102,7 @@ def _linear_gram_mixed(t: torch.Tensor) -> torch.Tensor:
     """
     X = t.to(torch.float32)
     D = X - X.mean(0, keepdim=True)
-    G = symmetric_product(D).to(F64)
-    return G + torch.diag(row_squares64(D) - torch.diagonal(G))
+    return deviation_gram64(D)
 
 
 class MinibatchCKA(_Kernel, Accumulator):

@@ -13,7 +13,7 @@ import torch
 
 from .._utils.checks import Bool, check_params
 from ..errors import DegenerateInputError, TooFewSamplesError
-from ..measures.kernels import MIXED_MIN_FLOPS, center_gram, hsic_unbiased_table, row_squares64, symmetric_product
+from ..measures.kernels import MIXED_MIN_FLOPS, center_gram_, deviation_gram64, hsic_unbiased_table
 from ._reductions import COUNT, ROWS
 from ._rows import (
     F64,
@@ -161,15 +161,27 @@ class SampleSpaceCKAMap(MapAccumulator):
         multiply-adds of a full GEMM); float64 rows and small problems are centred and multiplied in float64.
         The same rows give the same bits however they were batched, merged or gathered.
         """
-        return torch.stack([self._gram(batches, label(name)) for name, batches in store.items()])
+        n = sum(int(b.shape[0]) for b in next(iter(store.values())))
+        first = next(iter(store.values()))[0]
+        out = torch.empty((len(store), n, n), dtype=F64, device=first.device)
+        mixed = [not self.full_float64 and b[0].dtype != F64 and n * n * b[0].shape[1] >= MIXED_MIN_FLOPS
+                 for b in store.values()]  # fmt: skip
+        widest = max([int(b[0].shape[1]) for b, m in zip(store.values(), mixed, strict=True) if m], default=0)
+        buffer = torch.empty(n * widest, dtype=torch.float32, device=first.device)  # one deviation buffer for all
+        for K, (name, batches), mix in zip(out, store.items(), mixed, strict=True):
+            self._gram(batches, label(name), K, buffer if mix else None)
+        return out
 
-    def _gram(self, batches: list[torch.Tensor], name: str) -> torch.Tensor:
+    def _gram(self, batches: list[torch.Tensor], name: str, out: torch.Tensor, buffer: torch.Tensor | None) -> None:
+        """The centred Gram of one layer's kept rows, written into ``out`` ((n, n) float64); float32 products of
+        deviations in ``buffer`` when given, float64 otherwise."""
         n, d = sum(int(b.shape[0]) for b in batches), int(batches[0].shape[1])
-        if self.full_float64 or batches[0].dtype == F64 or n * n * d < MIXED_MIN_FLOPS:
+        if buffer is None:
             X64 = torch.cat([b.to(F64) for b in batches])
             self._check_varies(X64, name)
             Xc = X64 - X64.mean(0, keepdim=True)
-            return Xc @ Xc.T
+            torch.mm(Xc, Xc.T, out=out)
+            return
         # float32 deviations from a float32 centre near the mean (each one correctly rounded, so a common offset
         # cancels exactly), one float32 product, its diagonal exact, double-centred in float64: H D D^T H = X~ X~^T
         # the centre: the mean of the first CENTRE_ROWS rows (however they were batched, merged or gathered, the
@@ -181,17 +193,15 @@ class SampleSpaceCKAMap(MapAccumulator):
             if kept >= CENTRE_ROWS:
                 break
         centre = torch.cat(head).mean(0)
-        D = torch.empty((n, d), dtype=torch.float32, device=batches[0].device)
+        D = buffer[: n * d].view(n, d)
         start = 0
         for b in batches:
             torch.sub(b.to(torch.float32), centre, out=D[start : start + b.shape[0]])
             start += b.shape[0]
-        rows = row_squares64(D)
-        if float(rows.max()) <= 1e-6 * (float(centre.abs().max()) ** 2 + 1e-30):  # nearly constant: be exact
+        deviation_gram64(D, out=out)
+        if float(out.diagonal().max()) <= 1e-6 * (float(centre.abs().max()) ** 2 + 1e-30):  # nearly constant
             self._check_varies(torch.cat(batches), name)
-        G = symmetric_product(D).to(F64)
-        G = G + torch.diag(rows - torch.diagonal(G))
-        return center_gram(G)
+        center_gram_(out)
 
     def _check_varies(self, X: torch.Tensor, name: str) -> None:
         if bool((X.amax(0) == X.amin(0)).all()):
