@@ -208,16 +208,23 @@ class Measure:
         return f"Measure({self.id!r})"
 
 
+#: a largest absolute value within 2**+-UNIT_SCALE_SLACK is left as it is: nothing over- or underflows there, and
+#: scaling by a power of two would change no digit of a scale-free measure, only cost a pass over the data
+UNIT_SCALE_SLACK = 16
+
+
 def unit_scale(X: torch.Tensor) -> torch.Tensor:
     """``X`` divided by the power of two nearest below its largest absolute value: exact (only the exponents
     change), so a measure invariant to isotropic scaling gives the same value at any scale of its inputs, from
-    1e-300 to 1e300, instead of overflowing or underflowing in its Gram and norm sums. Gradients flow through."""
-    peak = X.detach().abs().amax()
+    1e-300 to 1e300, instead of overflowing or underflowing in its Gram and norm sums. Gradients flow through.
+    Data already near unit scale (within ``2**+-UNIT_SCALE_SLACK``) are returned as they are, without a copy."""
+    low, high = torch.aminmax(X.detach())
+    peak = torch.maximum(-low, high)
     if not bool(peak > 0) or not bool(torch.isfinite(peak)):
         return X
     _, exponent = torch.frexp(peak)
     shift = int(exponent) - 1
-    if shift == 0:
+    if abs(shift) <= UNIT_SCALE_SLACK:
         return X
     return torch.ldexp(X, torch.tensor(-shift, device=X.device))
 
