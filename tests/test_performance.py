@@ -120,3 +120,23 @@ def test_minibatch_map_of_float32_rows_is_within_3e_8_of_float64_rows():
         full.update({k: v[i : i + 128].double() for k, v in acts.items()})
     got, ref = fast.compute(), full.compute()
     assert torch.allclose(got, ref, atol=3e-8, rtol=0), (got - ref).abs().max()
+
+
+@pytest.mark.parametrize("syrk", [True, False], ids=["blas-syrk", "block-products"])
+def test_deviation_gram_is_symmetric_with_an_exact_diagonal_by_either_route(syrk, monkeypatch):
+    from repsim_plugin.measures import kernels
+
+    if not syrk:  # the route taken where SciPy's BLAS is missing (or the rows are not CPU float32)
+        monkeypatch.setattr(kernels, "_syrk_lower", lambda D: None)
+    elif kernels._syrk_lower(torch.ones(2, 2)) is None:
+        pytest.skip("SciPy's BLAS is not installed")
+    g = torch.Generator().manual_seed(5)
+    D = torch.relu(torch.randn(300, 700, generator=g)) - 0.4  # 300 rows: three block rows, the last one partial
+    G = kernels.deviation_gram64(D)
+    D64 = D.double()
+    ref = D64 @ D64.T
+    assert G.dtype == torch.float64 and torch.equal(G, G.T)
+    assert torch.allclose(G.diagonal(), (D64 * D64).sum(1), rtol=1e-14, atol=0)  # exact in float64, not float32
+    off = ~torch.eye(300, dtype=torch.bool)
+    assert float(((G - ref)[off]).abs().max() / ref.abs().max()) < 1e-6  # float32 products: measured ~1e-7
+    assert float(((G - ref)[off]).abs().max()) > 0  # really float32 products (float64 would be exact here)

@@ -83,20 +83,6 @@ def col_squares64(D: torch.Tensor, chunk_bytes: int = 2**23) -> torch.Tensor:
     return out
 
 
-def symmetric_product(D: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """``D D^T`` from its lower block triangle (half the multiply-adds of one GEMM), mirrored; no autograd.
-
-    The blocks are fixed by the row count alone, so the same rows always give the same bits.
-    """
-    n = D.shape[0]
-    G = torch.empty((n, n), dtype=D.dtype, device=D.device)
-    for i in range(0, n, block):
-        j = min(i + block, n)
-        G[i:j, :j] = D[i:j] @ D[:j].T
-        _mirror_block_row(G, i, j)
-    return G
-
-
 def _mirror_block_row(G: torch.Tensor, i: int, j: int) -> None:
     """Copy block row ``G[i:j, :j]``'s lower part above the diagonal, so ``G`` is symmetric to the last bit."""
     G[:i, i:j] = G[i:j, :i].T
@@ -104,22 +90,44 @@ def _mirror_block_row(G: torch.Tensor, i: int, j: int) -> None:
     diag.copy_(torch.tril(diag) + torch.tril(diag, diagonal=-1).T)
 
 
-def deviation_gram64(D: torch.Tensor, out: torch.Tensor | None = None, block: int = 256) -> torch.Tensor:
+def deviation_gram64(D: torch.Tensor, out: torch.Tensor | None = None, block: int = 128) -> torch.Tensor:
     """``D D^T`` in float64 from float32 deviations ``D``: float32 products, an exact float64 diagonal; no autograd.
 
-    The lower block triangle is multiplied (half the multiply-adds of one GEMM) and written straight into the
-    float64 result (``out``, (n, n), when given: no other (n, n) buffer), then mirrored. The blocks depend on the
-    row count alone, so the same rows always give the same bits. The diagonal (sums of squares, which carry most
-    of a float32 product's rounding) is exact.
+    Only the lower triangle is multiplied (half the multiply-adds of one GEMM): by BLAS ``ssyrk`` where SciPy's BLAS
+    is at hand (CPU float32; at GEMM speed, measured 0.9x the time of half a GEMM), else block row by block row.
+    It is written straight into the float64 result (``out``, (n, n), when given: no other (n, n) float64 buffer)
+    and mirrored. The same rows always give the same bits (the blocks depend on the row count alone). The diagonal
+    (sums of squares, which carry most of a float32 product's rounding) is exact.
     """
     n = D.shape[0]
     G = torch.empty((n, n), dtype=torch.float64, device=D.device) if out is None else out
-    for i in range(0, n, block):
-        j = min(i + block, n)
-        G[i:j, :j] = D[i:j] @ D[:j].T
-        _mirror_block_row(G, i, j)
+    lower = _syrk_lower(D)
+    if lower is not None:
+        G.copy_(lower)  # the lower triangle holds D D^T; the rest is mirrored from it below
+        for i in range(0, n, block):
+            j = min(i + block, n)
+            _mirror_block_row(G, i, j)
+    else:
+        for i in range(0, n, block):
+            j = min(i + block, n)
+            G[i:j, :j] = D[i:j] @ D[:j].T
+            _mirror_block_row(G, i, j)
     G.diagonal().copy_(row_squares64(D))
     return G
+
+
+def _syrk_lower(D: torch.Tensor) -> torch.Tensor | None:
+    """The lower triangle of ``D D^T`` from BLAS ``ssyrk`` (a view of SciPy's result), or None where it is not
+    available (no SciPy, not a CPU float32 matrix)."""
+    if D.device.type != "cpu" or D.dtype != torch.float32 or D.requires_grad or not D.is_contiguous():
+        return None
+    try:
+        from scipy.linalg.blas import ssyrk
+    except ImportError:  # SciPy is optional: the block products below do the same in ~1.4x the time
+        return None
+    # D (n, d) row-major is D^T (d, n) column-major: ssyrk(trans=1) forms (D^T)^T D^T = D D^T without a copy
+    C = ssyrk(1.0, D.detach().numpy().T, trans=1, lower=1)
+    return torch.from_numpy(C)
 
 
 def center_gram_(K: torch.Tensor) -> torch.Tensor:
@@ -150,12 +158,16 @@ def squared_norm_fixed(
 def gram_fixed(D: torch.Tensor, r: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """The centred linear Gram ``X~ X~^T`` in float64 from float32 deviations: one float32 product, exact diagonal.
 
-    Without autograd the product is :func:`symmetric_product` (half the multiply-adds).
+    Without autograd the product is :func:`deviation_gram64` (half the multiply-adds).
     """
     u = (D @ r.to(D.dtype)).to(torch.float64)
-    G = symmetric_product(D) if not D.requires_grad else D @ D.T
-    K = G.to(torch.float64) - u[:, None] - u[None, :] + r.square().sum()
-    return K + torch.diag(rows - torch.diagonal(K))
+    if D.requires_grad and torch.is_grad_enabled():
+        K = (D @ D.T).to(torch.float64) - u[:, None] - u[None, :] + r.square().sum()
+        return K + torch.diag(rows - torch.diagonal(K))
+    K = deviation_gram64(D.detach())
+    K.sub_(u[:, None]).sub_(u[None, :]).add_(r.square().sum())
+    K.diagonal().copy_(rows)
+    return K
 
 
 # --- Gram matrices --------------------------------------------------------------------------------------------
