@@ -125,9 +125,10 @@ def _syrk_lower(D: torch.Tensor) -> torch.Tensor | None:
         from scipy.linalg.blas import ssyrk
     except ImportError:  # SciPy is optional: the block products below do the same in ~1.4x the time
         return None
-    # D (n, d) row-major is D^T (d, n) column-major: ssyrk(trans=1) forms (D^T)^T D^T = D D^T without a copy
-    C = ssyrk(1.0, D.detach().numpy().T, trans=1, lower=1)
-    return torch.from_numpy(C)
+    # D (n, d) row-major is D^T (d, n) column-major: ssyrk(trans=1) forms (D^T)^T D^T = D D^T without a copy. Its
+    # result is column-major with the upper triangle filled: read row-major (C.T, contiguous), that is the lower one
+    C = ssyrk(1.0, D.detach().numpy().T, trans=1, lower=0)
+    return torch.from_numpy(C.T)
 
 
 def center_gram_(K: torch.Tensor) -> torch.Tensor:
