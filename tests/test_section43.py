@@ -31,16 +31,17 @@ pytestmark = [
 LAYERS = ["relu1", "relu2", "relu3"]
 
 #: The arguments passed to ``shift`` per target, beyond ``target_map`` / ``map_layers`` / ``progress=False``.
-#: identity: the defaults reach it (test map error 0.583 -> 0.025) but test accuracy falls 0.971 -> 0.951 (2 points);
-#: a tighter output criterion (``tolerance=0.005``: held-out accuracy at most half a point below the original's) and
-#: a larger starting lambda keep it within a point. first=last / other net: the mean map error starts small (only two
-#: entries move, or the two maps are alike), so the defaults stop as soon as the mean is within 0.025 with entry
-#: [0, -1] still at 0.92; ``target_tolerance=0.01`` makes them move the entries that differ.
+#: identity: the defaults reach it (test map error 0.583 -> 0.025) but test accuracy falls 0.971 -> 0.951 (2 points).
+#: A tighter output criterion alone (``tolerance=0.005``: held-out agreement >= 99.5%, accuracy at most half a point
+#: below the original's) gave 0.964 (0.7 points, too close to the bar), with ``lambda_init=30`` 0.962; with three
+#: times the mixup distillation 0.969. first=last: only two of nine entries move, so the mean map error starts at
+#: 0.038 and the defaults stop once it is within 0.025, with entry [0, -1] at 0.918 on the test digits;
+#: ``target_tolerance=0.02`` (stop within 0.01) takes it to 0.970. cartoon and the other network: the defaults.
 SHIFT_ARGS: dict[str, dict[str, float]] = {
-    "identity": {"tolerance": 0.005, "lambda_init": 30.0},
-    "first_last": {"tolerance": 0.005, "target_tolerance": 0.01},
+    "identity": {"tolerance": 0.005, "mixup": 3.0},
+    "first_last": {"target_tolerance": 0.02},
     "cartoon": {},
-    "other_net": {"tolerance": 0.005, "target_tolerance": 0.01},
+    "other_net": {},
 }
 
 
@@ -97,15 +98,25 @@ def pc1_share(H: torch.Tensor) -> float:
     return float(s[0] ** 2 / (s**2).sum())
 
 
-def pc1_tail(H: torch.Tensor, y: torch.Tensor, k: int) -> tuple[int, int]:
-    """(class, count): the most common class among the k samples with the most extreme projection on PC1."""
+def pc1_projection(H: torch.Tensor) -> tuple[np.ndarray, float]:
+    """Each sample's projection on PC1, signed so that the most extreme sample is positive, and the total variance."""
     A = H.double().numpy()
     A = A - A.mean(0)
     _, _, vt = np.linalg.svd(A, full_matrices=False)
     projection = A @ vt[0]
-    projection = projection * np.sign(projection[np.argmax(np.abs(projection))])  # the extreme tail is positive
-    tail = y.numpy()[np.argsort(-projection)[:k]]
-    classes, counts = np.unique(tail, return_counts=True)
+    return projection * np.sign(projection[np.argmax(np.abs(projection))]), float((A**2).sum())
+
+
+def tail_variance(H: torch.Tensor, k: int) -> float:
+    """Share of the layer's total variance carried, along PC1, by the k samples farthest out on its extreme side."""
+    projection, total = pc1_projection(H)
+    return float((np.sort(projection)[::-1][:k] ** 2).sum() / total)
+
+
+def pc1_tail(H: torch.Tensor, y: torch.Tensor, k: int) -> tuple[int, int]:
+    """(class, count): the most common class among those k samples."""
+    projection, _ = pc1_projection(H)
+    classes, counts = np.unique(y.numpy()[np.argsort(-projection)[:k]], return_counts=True)
     return int(classes[counts.argmax()]), int(counts.max())
 
 
@@ -153,10 +164,10 @@ def shifted(cnns) -> Callable[[str], dict[str, object]]:
 
 #: per target: (test map error before at least, after at most, inverted-digits error after / before at most)
 BARS = {
-    "identity": (0.5, 0.05, 0.3),  # measured 0.583 -> 0.021; inverted 0.570 -> 0.106
-    "first_last": (0.03, 0.02, 0.8),  # measured
+    "identity": (0.5, 0.05, 0.4),  # measured 0.583 -> 0.020; inverted 0.570 -> 0.153
+    "first_last": (0.03, 0.02, 0.6),  # measured 0.038 -> 0.011; inverted 0.051 -> 0.018
     "cartoon": (0.2, 0.05, 0.5),  # measured 0.277 -> 0.013; inverted 0.260 -> 0.062
-    "other_net": (0.01, 0.007, 0.9),  # measured
+    "other_net": (0.01, 0.007, 0.9),  # measured 0.013 -> 0.004; inverted 0.025 -> 0.020
 }
 
 
@@ -168,14 +179,113 @@ def test_each_target_map_is_reached_with_test_accuracy_within_a_point(name, cnns
     model = cnns["model"]
     _, _, Xte, yte = cnns["split"]
     assert result.reached and result.map_error_after <= result.target_tolerance
+    assert run["seconds"] < 60  # measured 3-35 s on a loaded 2-core machine (identity the longest)
 
     before, after = cka_map(model, Xte), cka_map(result.model, Xte)
     at_least, at_most, carry = BARS[name]
-    assert map_error(before, target) >= at_least
-    assert map_error(after, target) <= at_most
+    assert map_error(before, target) >= at_least  # measured: see BARS
+    assert map_error(after, target) <= at_most  # measured: see BARS
     acc_before, acc_after = accuracy(model, Xte, yte), accuracy(result.model, Xte, yte)
-    assert acc_before - acc_after <= 0.01
+    assert acc_before - acc_after <= 0.01  # measured 0.971 -> 0.969 / 0.967 / 0.971 / 0.969
+    _, l0 = layer_rows(model, Xte)
+    _, l1 = layer_rows(result.model, Xte)
+    assert float((l0.argmax(1) == l1.argmax(1)).double().mean()) >= 0.97  # measured 0.978 / 0.989 / 0.976 / 0.989
 
     # carry-over: on inverted digits (never used by the shift, another kind of input) the map moves too
     inverted = [map_error(cka_map(m, 1 - Xte), target) for m in (model, result.model)]
-    assert inverted[1] <= carry * inverted[0]
+    assert inverted[1] <= carry * inverted[0]  # measured: see BARS
+
+
+@pytest.mark.slow
+def test_first_layer_becomes_the_last_while_the_other_entries_stay_where_they_were(cnns, shifted):
+    """The one entry that is asked to move does (on the test digits); the held ones stay near their values."""
+    result = shifted("first_last")["result"]
+    _, _, Xte, _ = cnns["split"]
+    before, after = cka_map(cnns["model"], Xte), cka_map(result.model, Xte)
+    assert before[0, -1] <= 0.9  # measured 0.848: relu1 and relu3 differ at first
+    assert after[0, -1] >= 0.95 and after[-1, 0] == pytest.approx(after[0, -1])  # measured 0.970
+    assert float((after - before)[0, 1].abs()) <= 0.03  # measured 0.944 -> 0.930
+    assert float((after - before)[1, 2].abs()) <= 0.03  # measured 0.852 -> 0.849
+    # and on the inverted digits as well
+    inv_before, inv_after = cka_map(cnns["model"], 1 - Xte), cka_map(result.model, 1 - Xte)
+    assert inv_after[0, -1] - inv_before[0, -1] >= 0.05  # measured
+
+
+@pytest.mark.slow
+def test_the_other_networks_map_is_matched_entry_by_entry(cnns, shifted):
+    """The seed-1 CNN's map differs little from the seed-0 one (0.013 mean): matched to within 0.01 per entry."""
+    run = shifted("other_net")
+    _, _, Xte, _ = cnns["split"]
+    before, after = cka_map(cnns["model"], Xte), cka_map(run["result"].model, Xte)
+    worst_before = float((before - run["target"]).abs().max())
+    worst_after = float((after - run["target"]).abs().max())
+    assert worst_before >= 0.015  # measured
+    assert worst_after <= 0.5 * worst_before  # measured
+
+
+# --- the mechanism: one direction dominates, part of one class forms the tail -------------------------------------
+
+TAIL = 19  # about 4% of the 450 test digits
+
+
+@pytest.mark.slow
+def test_a_low_cka_shift_makes_one_direction_dominate_with_part_of_one_class_as_its_tail(cnns, shifted):
+    """The paper's explanation of low CKA with outputs kept: the layer's variance collapses onto one principal
+    direction, and a small part of one class, far out along it, carries much of the variance (CKA weighs it)."""
+    model = cnns["model"]
+    Xtr, ytr, Xte, yte = cnns["split"]
+    single = shift(model, "relu3", (Xtr, ytr), target=0.2, progress=False)  # the defaults; about 2 s
+    assert single.reached
+    h0, _ = layer_rows(model, Xte)
+    h1, _ = layer_rows(single.model, Xte)
+    assert cka64(h1[2], h0[2]) <= 0.3  # measured 0.217 (relu3, test digits)
+
+    share_before, share_after = pc1_share(h0[2]), pc1_share(h1[2])
+    assert share_before <= 0.4 and share_after >= 0.7  # measured 0.333 -> 0.788
+
+    tail_before, tail_after = tail_variance(h0[2], TAIL), tail_variance(h1[2], TAIL)
+    assert tail_after >= 3 * tail_before  # measured 0.051 -> 0.234 of the variance on 19 of 450 digits
+    label, count = pc1_tail(h1[2], yte, TAIL)
+    assert count >= 10  # measured 13 of the 19 are 7s
+    assert count < int((yte == label).sum()) // 2  # only part of that class: measured 13 of the 45 test 7s
+
+    # the identity map shift (every layer unlike the others) does the same to relu2 and relu3
+    identity = shifted("identity")["result"]
+    g1, _ = layer_rows(identity.model, Xte)
+    assert pc1_share(g1[2]) >= 0.8 and pc1_share(h0[2]) <= 0.4  # measured 0.333 -> 0.884
+    assert pc1_share(g1[1]) >= 2 * pc1_share(h0[1])  # measured 0.200 -> 0.559
+
+
+# --- the plot ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_plot_map_shift_writes_a_readable_png(cnns, shifted, tmp_path):
+    pytest.importorskip("matplotlib")
+    from repsim_plugin.adversarial.plots import plot_map_shift
+
+    result = shifted("cartoon")["result"]
+    path = tmp_path / "maps" / "cartoon.png"
+    fig = plot_map_shift(result, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title().split("\n")[0] for ax in panels] == ["before (original)", "after the shift", "target"]
+    assert "mean error to target" in panels[1].get_title()
+    texts = [t.get_text() for t in panels[1].texts]
+    assert len(texts) == 9 and f"{float(result.map_after[0, 1]):.2f}" in texts  # every cell carries its value
+    assert all(ax.images[0].get_clim() == (0.0, 1.0) for ax in panels)  # one shared 0-1 scale
+    assert not list(tmp_path.glob("maps/.*.tmp"))  # written atomically, no leftovers
+
+    # maps recomputed on the test digits, a target with free entries, and without a target
+    _, _, Xte, _ = cnns["split"]
+    free = cnns["targets"]["cartoon"].clone()
+    free[0, 1] = free[1, 0] = float("nan")
+    fig = plot_map_shift(
+        result, tmp_path / "test.png", before=cka_map(cnns["model"], Xte), after=cka_map(result.model, Xte),
+        target=free, title="on the 450 test digits",
+    )  # fmt: skip
+    assert "free" in [t.get_text() for t in fig.axes[2].texts]
+    fig = plot_map_shift(None, tmp_path / "two.png", before=result.map_before, after=result.map_after)
+    assert len([ax for ax in fig.axes if ax.get_title()]) == 2 and (tmp_path / "two.png").exists()
+    with pytest.raises(ValueError, match="map_before"):
+        plot_map_shift(object(), tmp_path / "none.png")
