@@ -179,7 +179,7 @@ def test_each_target_map_is_reached_with_test_accuracy_within_a_point(name, cnns
     model = cnns["model"]
     _, _, Xte, yte = cnns["split"]
     assert result.reached and result.map_error_after <= result.target_tolerance
-    assert run["seconds"] < 60  # measured 3-35 s on a loaded 2-core machine (identity the longest)
+    assert run["seconds"] < 90  # measured 3-34 s on a loaded 2-core machine (identity the longest)
 
     before, after = cka_map(model, Xte), cka_map(result.model, Xte)
     at_least, at_most, carry = BARS[name]
@@ -202,13 +202,13 @@ def test_first_layer_becomes_the_last_while_the_other_entries_stay_where_they_we
     result = shifted("first_last")["result"]
     _, _, Xte, _ = cnns["split"]
     before, after = cka_map(cnns["model"], Xte), cka_map(result.model, Xte)
-    assert before[0, -1] <= 0.9  # measured 0.848: relu1 and relu3 differ at first
+    assert before[0, -1] <= 0.9  # measured 0.840: relu1 and relu3 differ at first
     assert after[0, -1] >= 0.95 and after[-1, 0] == pytest.approx(after[0, -1])  # measured 0.970
-    assert float((after - before)[0, 1].abs()) <= 0.03  # measured 0.944 -> 0.930
-    assert float((after - before)[1, 2].abs()) <= 0.03  # measured 0.852 -> 0.849
+    assert float((after - before)[0, 1].abs()) <= 0.03  # measured 0.940 -> 0.930
+    assert float((after - before)[1, 2].abs()) <= 0.03  # measured 0.845 -> 0.849
     # and on the inverted digits as well
     inv_before, inv_after = cka_map(cnns["model"], 1 - Xte), cka_map(result.model, 1 - Xte)
-    assert inv_after[0, -1] - inv_before[0, -1] >= 0.05  # measured
+    assert inv_after[0, -1] - inv_before[0, -1] >= 0.05  # measured 0.848 -> 0.954
 
 
 @pytest.mark.slow
@@ -219,8 +219,8 @@ def test_the_other_networks_map_is_matched_entry_by_entry(cnns, shifted):
     before, after = cka_map(cnns["model"], Xte), cka_map(run["result"].model, Xte)
     worst_before = float((before - run["target"]).abs().max())
     worst_after = float((after - run["target"]).abs().max())
-    assert worst_before >= 0.015  # measured
-    assert worst_after <= 0.5 * worst_before  # measured
+    assert worst_before >= 0.02  # measured 0.028
+    assert worst_after <= 0.5 * worst_before  # measured 0.009
 
 
 # --- the mechanism: one direction dominates, part of one class forms the tail -------------------------------------
@@ -234,11 +234,11 @@ def test_a_low_cka_shift_makes_one_direction_dominate_with_part_of_one_class_as_
     direction, and a small part of one class, far out along it, carries much of the variance (CKA weighs it)."""
     model = cnns["model"]
     Xtr, ytr, Xte, yte = cnns["split"]
-    single = shift(model, "relu3", (Xtr, ytr), target=0.2, progress=False)  # the defaults; about 2 s
+    single = shift(model, "relu3", (Xtr, ytr), target=0.2, progress=False)  # the defaults; measured 1.8 s
     assert single.reached
     h0, _ = layer_rows(model, Xte)
     h1, _ = layer_rows(single.model, Xte)
-    assert cka64(h1[2], h0[2]) <= 0.3  # measured 0.217 (relu3, test digits)
+    assert cka64(h1[2], h0[2]) <= 0.3  # measured 0.214 (relu3, test digits)
 
     share_before, share_after = pc1_share(h0[2]), pc1_share(h1[2])
     assert share_before <= 0.4 and share_after >= 0.7  # measured 0.333 -> 0.788
@@ -254,6 +254,7 @@ def test_a_low_cka_shift_makes_one_direction_dominate_with_part_of_one_class_as_
     g1, _ = layer_rows(identity.model, Xte)
     assert pc1_share(g1[2]) >= 0.8 and pc1_share(h0[2]) <= 0.4  # measured 0.333 -> 0.884
     assert pc1_share(g1[1]) >= 2 * pc1_share(h0[1])  # measured 0.200 -> 0.559
+    assert tail_variance(g1[2], TAIL) >= 3 * tail_variance(h0[2], TAIL)  # measured 0.051 -> 0.330
 
 
 # --- the plot ---------------------------------------------------------------------------------------------------------

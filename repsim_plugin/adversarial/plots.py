@@ -23,7 +23,8 @@ __all__ = ["plot_map_shift"]
 
 def _matrix(value: Any, name: str) -> np.ndarray:
     """A square float64 numpy matrix from a tensor / array / nested list (or a SimilarityMap's values)."""
-    value = getattr(value, "values", value)
+    if not isinstance(value, (torch.Tensor, np.ndarray, list, tuple)):
+        value = getattr(value, "values", value)  # a SimilarityMap
     array = value.detach().double().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value, float)
     if array.ndim != 2 or array.shape[0] != array.shape[1]:
         raise ValueError(f"{name} must be a square matrix, got shape {array.shape}")
@@ -36,6 +37,23 @@ def _error(values: np.ndarray, target: np.ndarray | None) -> str:
         return ""
     held = ~np.isnan(target)
     return f"\nmean error to target {float(np.abs(values - target)[held].mean()):.3f}"
+
+
+def _short(measure: str) -> str:
+    """The measure's short name ("cka" for the registered id with its options)."""
+    from ..report.cells import measure_info
+
+    return measure_info(measure).short
+
+
+def _outputs(result: Any) -> str:
+    """A title line with the output checks the result carries (agreement, accuracy before -> after)."""
+    parts = []
+    if getattr(result, "agreement", None) is not None:
+        parts.append(f"top-1 agreement {result.agreement:.3f}")
+    if getattr(result, "accuracy_before", None) is not None and getattr(result, "accuracy_after", None) is not None:
+        parts.append(f"accuracy {result.accuracy_before:.3f} -> {result.accuracy_after:.3f}")
+    return ("\n" + ", ".join(parts)) if parts else ""
 
 
 def plot_map_shift(
@@ -60,6 +78,7 @@ def plot_map_shift(
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
+    given = before is not None or after is not None  # maps of the caller's: the result's data do not describe them
     if before is None:
         before = getattr(result, "map_before", None)
     if after is None:
@@ -83,15 +102,15 @@ def plot_map_shift(
     where = str(getattr(result, "evaluated_on", "") or "")
     n_eval = getattr(result, "n_eval", 0)
     cell = 0.55 + 0.08 * max(len(s) for s in labels) / 6
-    fig = Figure(figsize=(1.2 + len(panels) * (1.0 + cell * size), 1.9 + cell * size), dpi=dpi)
+    fig = Figure(figsize=(1.4 + len(panels) * (0.5 + cell * size), 1.6 + cell * size), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     image = None
-    for ax, (name, matrix) in zip(axes, panels, strict=True):
+    for k, (ax, (name, matrix)) in enumerate(zip(axes, panels, strict=True)):
         shown = np.ma.masked_invalid(matrix)
         image = ax.imshow(shown, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.set_xticks(range(size), labels=labels, rotation=45 if max(map(len, labels)) > 4 else 0, fontsize=8)
-        ax.set_yticks(range(size), labels=labels, fontsize=8)
+        ax.set_yticks(range(size), labels=labels if k == 0 else [], fontsize=8)  # rows as in the first panel
         rgba = image.cmap(image.norm(np.nan_to_num(matrix, nan=0.5)))
         for (i, j), value in np.ndenumerate(matrix):
             if np.isnan(value):
@@ -103,14 +122,18 @@ def plot_map_shift(
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color=color)
         head = {"before": "before (original)", "after": "after the shift", "target": "target"}[name]
         ax.set_title(head + ("" if name == "target" else _error(matrix, target_matrix)), fontsize=9)
-    measure = str(getattr(result, "measure", "") or "cka")
+    measure = _short(str(getattr(result, "measure", "") or "cka"))
     suptitle = title
     if suptitle is None:
         suptitle = f"{measure} map of {', '.join(labels)}"
-        if where or n_eval:
-            suptitle += f"\nmeasured on {where or f'{n_eval} samples'}"
+        if given:
+            suptitle += "\n(maps given by the caller)"
+        else:
+            if where or n_eval:
+                suptitle += f"\nmeasured on {n_eval or ''} samples {where}".replace("  ", " ")
+            suptitle += _outputs(result)
     fig.suptitle(suptitle, fontsize=9)
-    bar = fig.colorbar(image, ax=list(axes), shrink=0.85, pad=0.03)
+    bar = fig.colorbar(image, ax=list(axes), shrink=0.9)
     bar.set_label(f"{measure} (higher: more similar)", fontsize=8)
     if path is not None:
         save_figure(fig, path)
