@@ -96,3 +96,19 @@ def test_distributed_compare_with_torchrun_matches_one_process(tmp_path):
     single = rp.compare(a, b, list(Xte[:256].split(32)), layers, layers, measure="debiased_cka", progress=False)
     assert merged.n == 256 and merged.extra["world_size"] == 2
     assert torch.allclose(merged.values, single.values, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_section43_maps_quick_moves_the_map_and_draws_it(tmp_path):
+    out = _run(str(ROOT / "examples" / "section43_maps.py"), "--quick", "--out", str(tmp_path))
+    assert "cartoon" in out and "other_net" in out
+    table = json.loads((tmp_path / "section43.json").read_text())
+    assert set(table) == {"cartoon", "other_net"}
+    cartoon = table["cartoon"]  # judged by the script on the 450 test digits (its own float64 CKA map)
+    assert cartoon["reached"] and cartoon["test_error_before"] >= 0.2  # measured 0.277
+    assert cartoon["test_error_after"] <= 0.05  # measured 0.013
+    assert cartoon["inverted_error_after"] <= 0.5 * cartoon["inverted_error_before"]  # measured 0.260 -> 0.062
+    assert cartoon["test_accuracy_before"] - cartoon["test_accuracy_after"] <= 0.01  # measured 0.971 -> 0.971
+    assert table["other_net"]["test_error_after"] < table["other_net"]["test_error_before"]  # measured 0.013 -> 0.004
+    for name in table:
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000
