@@ -25,7 +25,7 @@ from ..adapters import Adapter
 from ..capture import reduce_output
 from ..errors import RepsimError, UnknownNameError
 from ..measures import Measure, list_measures, make
-from ..measures.kernels import KERNELS, cka_from_hsic, hsic_unbiased
+from ..measures.kernels import KERNELS, NULL_BIAS_WARNING, cka_from_hsic, expected_null_cka, hsic_unbiased
 
 __all__ = [
     "PRESERVE",
@@ -33,6 +33,8 @@ __all__ = [
     "OutputChecks",
     "QuietMeasure",
     "differentiable_measure",
+    "effective_dimension",
+    "evaluation_measure",
     "log_cosh",
     "preservation_loss",
     "preserved_output",
@@ -113,6 +115,44 @@ class MinibatchMeasure:
         else:
             entries = [[self.pair(rows[i], rows[j]) for j in range(L)] for i in range(L)]
         return torch.stack([torch.stack(row) for row in entries])
+
+
+def effective_dimension(X: torch.Tensor) -> float:
+    """The participation ratio ``(sum l)^2 / sum l^2`` of the centred rows' covariance eigenvalues ``l``.
+
+    The number of directions the rows really spread over (nominal features overstate it: a layer of 384 units
+    whose rows lie near 20 directions behaves, for CKA's bias, like 20 features)."""
+    Xc = X.to(torch.float64)
+    Xc = Xc - Xc.mean(0)
+    gram = Xc @ Xc.T if Xc.shape[0] <= Xc.shape[1] else Xc.T @ Xc  # same non-zero eigenvalues
+    eigenvalues = torch.linalg.eigvalsh(gram).clamp(min=0)
+    total = float(eigenvalues.square().sum())
+    return float(eigenvalues.sum()) ** 2 / total if total > 0 else 0.0
+
+
+def evaluation_measure(measure: Measure, rows: torch.Tensor, reference: torch.Tensor) -> tuple[Measure, str]:
+    """The measure the evaluations use for ``rows`` against ``reference``, and why when it is not ``measure``.
+
+    Biased linear CKA (``hsic=gretton``) of n rows is inflated by chance when n is small against the dimensions
+    the rows span: independent features of that shape already score about ``sqrt(pq / ((n+p)(n+q)))``
+    (:func:`~repsim_plugin.measures.kernels.expected_null_cka`, with p, q the effective dimensions). When that
+    chance level exceeds :data:`~repsim_plugin.measures.kernels.NULL_BIAS_WARNING` (e.g. 40 held-out sentences of
+    a transformer block), the evaluations, early stopping, ``keep="best"`` and ``reached`` use debiased linear CKA
+    (unbiased HSIC, the estimator the optimiser's minibatch value also uses); the result names it and also
+    reports the biased value. Any other measure is used as it is."""
+    params = dict(measure.params)
+    if not measure.id.startswith("cka-") or params.get("kernel") != "linear" or params.get("hsic") != "gretton":
+        return measure, ""
+    n = rows.shape[0]
+    p, q = effective_dimension(rows), effective_dimension(reference)
+    chance = expected_null_cka(n, max(1, round(p)), max(1, round(q)))
+    if chance <= NULL_BIAS_WARNING:
+        return measure, ""
+    reason = (
+        f"debiased: {n} evaluation samples against {p:.0f} / {q:.0f} effective dimensions, where biased CKA of "
+        f"independent features is already about {chance:.2f}"
+    )
+    return make("cka", kernel="linear", hsic="song"), reason
 
 
 class QuietMeasure:

@@ -85,6 +85,12 @@ class ShiftResult:
     lr: float = 0.0
     #: The evaluated state closest to the target whether or not it kept the outputs (distance, step, checks).
     closest: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: The estimator of the measure that every evaluation, ``reached`` and ``measure_before`` / ``measure_after``
+    #: use: the measure asked for, or debiased CKA where biased CKA is inflated on so few evaluation samples
+    #: (``estimator_reason`` says why; ``as_requested`` then holds the asked-for measure's before / after).
+    estimator: str = ""
+    estimator_reason: str = ""
+    as_requested: dict[str, float] | None = None
     #: Evaluation rows (CPU, float32): "before" / "after" of the layer and "reference"; not part of to_dict().
     representations: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     #: The layout ("NCHW", "NHWC", ...) of the perturbed layer's output: where :meth:`perturbed` finds features.
@@ -158,6 +164,9 @@ class ShiftResult:
             "stopped_at": self.stopped_at,
             "steps_run": self.steps_run,
             "minibatch_estimate": self.minibatch_estimate,
+            "estimator": self.estimator,
+            "estimator_reason": self.estimator_reason,
+            "as_requested": None if self.as_requested is None else dict(self.as_requested),
             "mixup": self.mixup,
             "lr": self.lr,
             "closest": dict(self.closest),
@@ -173,6 +182,12 @@ class ShiftResult:
             what = f"map error {self.map_error_before:.3f} -> {self.map_error_after:.3f} on {where}"
         else:
             what = f"{self.measure} {self.measure_before:.3f} -> {self.measure_after:.3f} on {where}"
+            if self.estimator_reason and self.as_requested is not None:
+                asked = self.as_requested
+                what = (
+                    f"{self.estimator} {self.measure_before:.3f} -> {self.measure_after:.3f} on {where} "
+                    f"({self.estimator_reason}; {self.measure} {asked['before']:.3f} -> {asked['after']:.3f})"
+                )
         goal = "map error" if self.map_layers is not None else f"target {self.target:g}"
         verdict = "reached" if self.reached else "NOT reached"
         estimate = "" if self.minibatch_estimate is None else f"; {self.objective}: {self.minibatch_estimate:.3f}"

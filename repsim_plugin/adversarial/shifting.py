@@ -65,6 +65,7 @@ from .objective import (
     OutputChecks,
     QuietMeasure,
     differentiable_measure,
+    evaluation_measure,
     preservation_loss,
     preserved_output,
 )
@@ -306,6 +307,17 @@ class Shifter:
                 outs.append(torch.cat(out_parts))
         return rows_out, outs
 
+    def _choose_estimator(self, eval_rows: list[dict[str, torch.Tensor]]) -> None:
+        """The evaluations' estimator: the measure asked for, or debiased CKA where biased CKA is inflated."""
+        self.estimator_reason = ""
+        if isinstance(self.target, PairTarget):
+            assert self.target.reference_eval is not None
+            rows = torch.cat([r[self.target.layer] for r in eval_rows])
+            chosen, self.estimator_reason = evaluation_measure(self.measure, rows, self.target.reference_eval)
+            if chosen is not self.measure:
+                self.quiet = QuietMeasure(chosen)
+        self.estimator = self.quiet.measure.id
+
     def _summarize(self, rows: list[dict[str, torch.Tensor]], outs: list[torch.Tensor]) -> Evaluation:
         checks = OutputChecks.compare(torch.cat(outs), self.teacher_eval, self.eval_labels, self.classify)
         return self.target.evaluate(rows, self.quiet, checks)
@@ -318,6 +330,7 @@ class Shifter:
             chunk.teacher = teacher
         eval_rows, eval_out = self._evaluate_pass(self.eval_chunks) if self.held_out else (train_rows, train_out)
         self.target.attach(self.chunks, train_rows, eval_rows)
+        self._choose_estimator(eval_rows)
         self.teacher_eval = torch.cat(eval_out)
         self.classify = cfg.preserve in ("kl", "ce")
         if self.classify and self.teacher_eval.shape[1] < 2:
@@ -340,7 +353,10 @@ class Shifter:
             )
             self._sink.pop("rows", None)
             return list(self.perturbation.parameters())
-        params = [p for p in self.student.parameters() if p.requires_grad]
+        # embedding tables are not trained: a row moves only for tokens of the training data, so held-out inputs
+        # with other tokens would see a different function; the layers after the lookup carry the shift
+        tables = {id(p) for m in self.student.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+        params = [p for p in self.student.parameters() if p.requires_grad and id(p) not in tables]
         if not params:
             raise RepsimError("the model has no trainable parameters (requires_grad=False everywhere).")
         return params
@@ -531,8 +547,19 @@ class Shifter:
             stopped_at=self.stopped_at, steps_run=self.history[-1]["step"] if self.history else 0,
             minibatch_estimate=self._minibatch_estimate(final_step), mixup=cfg.mixup, lr=self.lr,
             closest={"distance": self.closest[0], "step": self.closest[1], **_checks(self.closest[2])},
+            estimator=self.estimator, estimator_reason=self.estimator_reason,
+            as_requested=self._as_requested(before, final),
             **self.target.result_fields(before, final),
         )  # fmt: skip
+
+    def _as_requested(self, before: Evaluation, final: Evaluation) -> dict[str, float] | None:
+        """The measure asked for (before / after, evaluation data) when the evaluations used another estimator."""
+        if not self.estimator_reason or not isinstance(self.target, PairTarget):
+            return None
+        reference = self.target.reference_eval
+        assert before.rows is not None and final.rows is not None and reference is not None
+        quiet = QuietMeasure(self.measure)
+        return {"before": float(quiet(before.rows, reference)), "after": float(quiet(final.rows, reference))}
 
     def _minibatch_estimate(self, step: int) -> float | None:
         """The optimiser's own estimate (mean minibatch value since the previous evaluation) at ``step``."""
