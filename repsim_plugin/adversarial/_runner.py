@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F  # noqa: N812
 
 from .._utils.batches import TrainFlags, model_device, take, to_device, train_flags_kept
 from ..adapters import for_model
@@ -35,8 +36,10 @@ from ._config import (
     POLISH_FRACTION,
     STOP_FRACTION,
     ShiftConfig,
+    auto_lambda,
     auto_lr,
     auto_steps,
+    auto_warmup,
 )
 from ._data import MIN_BATCH, Chunk, all_labels, as_chunks, hold_out, minibatches, sample_inputs
 from .objective import (
@@ -75,6 +78,7 @@ class Shifter:
         self._params: list[nn.Parameter] = []
         self.quiet = QuietMeasure(measure)
         self._sink: dict[str, dict[str, torch.Tensor]] = {}
+        self._tokens: torch.Tensor | None = None
 
     # --- the data and the original's outputs --------------------------------------------------------------
 
@@ -139,23 +143,31 @@ class Shifter:
         """The target's layer rows (from the capture) and the preserved output of one forward pass."""
         raw = self.adapter.forward(inputs)
         out = preserved_output(self.adapter, raw, inputs, self.config.output, self.config.preserve)
+        self._tokens = token_states(self.adapter, raw, inputs, self.config)
         return self.target.select(self._sink.pop("rows")), out
 
     @torch.no_grad()
-    def _evaluate_pass(self, which: list[Chunk]) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:
-        """Rows and outputs (CPU, float32) of every chunk, in eval mode."""
+    def _evaluate_pass(
+        self, which: list[Chunk], keep_tokens: bool = False
+    ) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:
+        """Rows and outputs (CPU, float32) of every chunk, in eval mode; ``keep_tokens``: also each chunk's token
+        states (a bare encoder with ``preserve="embedding"``), as ``chunk.teacher_tokens``."""
         rows_out, outs = [], []
         with train_flags_kept(self.student):
             for chunk in which:
                 parts: dict[str, list[torch.Tensor]] = {}
-                out_parts = []
+                out_parts, token_parts = [], []
                 for index in chunk.pieces(self.config.eval_batch):
                     rows, out = self._forward(to_device(take(chunk.inputs, index), self.device))
                     for name, r in rows.items():
                         parts.setdefault(name, []).append(r.detach().float().cpu())
                     out_parts.append(out.detach().float().cpu())
+                    if keep_tokens and self._tokens is not None:
+                        token_parts.append(self._tokens.detach().float().cpu())
                 rows_out.append({name: torch.cat(r) for name, r in parts.items()})
                 outs.append(torch.cat(out_parts))
+                if token_parts and sum(t.numel() for t in token_parts) <= TOKEN_STATES_MAX:
+                    chunk.teacher_tokens = torch.cat(token_parts)
         return rows_out, outs
 
     def _choose_estimator(self, eval_rows: list[dict[str, torch.Tensor]]) -> None:
@@ -176,7 +188,7 @@ class Shifter:
     def _precompute(self) -> Evaluation:
         """The original's outputs (the teacher) and reference rows, the criterion, and the evaluation before."""
         cfg = self.config
-        train_rows, train_out = self._evaluate_pass(self.chunks)
+        train_rows, train_out = self._evaluate_pass(self.chunks, keep_tokens=True)
         for chunk, teacher in zip(self.chunks, train_out, strict=True):
             chunk.teacher = teacher
         eval_rows, eval_out = self._evaluate_pass(self.eval_chunks) if self.held_out else (train_rows, train_out)
@@ -236,6 +248,11 @@ class Shifter:
         teacher = chunk.teacher[index].to(out.device)
         lab = chunk.labels[index].to(out.device) if chunk.labels is not None else None
         keep_loss = preservation_loss(cfg.preserve, out.float(), teacher.float(), lab, cfg.temperature)
+        if chunk.teacher_tokens is not None and self._tokens is not None:
+            mask = self.adapter.attention_mask(chunk.inputs)
+            keep_loss = keep_loss + token_loss(
+                self._tokens, chunk.teacher_tokens[index].to(out.device), None if mask is None else mask[index]
+            )
         mixed = self._mixup_loss(chunk, index)
         if mixed is not None:
             keep_loss = keep_loss + cfg.mixup * mixed
@@ -299,7 +316,7 @@ class Shifter:
         """The training loop with its evaluations; returns the step and evaluation of the state kept."""
         cfg = self.config
         self.history = History(self.target)
-        lam = LambdaSchedule(cfg.lambda_init)
+        lam = LambdaSchedule(cfg.lambda_init if cfg.lambda_init is not None else auto_lambda(cfg.preserve))
         fidelity = Fidelity(self.criterion, cfg.tolerance, before.outputs)
         self.history.record(0, before, lam.value, True, {})
         band = STOP_FRACTION * cfg.target_tolerance
@@ -309,7 +326,9 @@ class Shifter:
         self.closest = (self.target.distance(before), 0, before)  # closest evaluated state, outputs kept or not
         self.lr = cfg.lr if cfg.lr is not None else auto_lr(sum(p.numel() for p in self._params))
         optimizer = torch.optim.AdamW(self._params, lr=self.lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(self.steps, cfg.warmup))
+        n_params = sum(p.numel() for p in self._params)
+        self.warmup = cfg.warmup if cfg.warmup is not None else auto_warmup(n_params)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(self.steps, self.warmup))
         every = self._eval_every()
         batches = minibatches(self.chunks, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
         self.student.train(cfg.train_mode)
@@ -423,6 +442,28 @@ class Shifter:
             if entry["step"] == step:
                 return entry.get(key)
         return None
+
+
+#: The most token-state values (floats) kept of the original for the token-level preservation loss.
+TOKEN_STATES_MAX = 64 * 2**20
+
+
+def token_states(adapter: Any, raw: Any, inputs: Any, config: ShiftConfig) -> torch.Tensor | None:
+    """A bare encoder's (batch, tokens, channels) output under ``preserve="embedding"``, else None."""
+    if config.preserve != "embedding" or config.output is not None:
+        return None
+    tensor = adapter.main_output(raw)
+    return tensor if tensor.dim() == 3 and adapter.attention_mask(inputs) is not None else None
+
+
+def token_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean ``1 - cosine`` of the attended tokens' output states: the sentence embedding is their mean, and keeping
+    every token's direction constrains the network far more than keeping the mean of each training sentence."""
+    cos = F.cosine_similarity(student.float(), teacher.float(), dim=-1)
+    if mask is None:
+        return (1.0 - cos).mean()
+    weights = mask.to(cos.device, cos.dtype)
+    return ((1.0 - cos) * weights).sum() / weights.sum().clamp(min=1.0)
 
 
 #: Token inputs: the fraction of each sentence's inner tokens replaced by random vocabulary tokens for the

@@ -14,7 +14,7 @@ original constrains what the model outputs. The objective is the paper's (see :m
 * ``preservation`` is the distillation KL between ``softmax(teacher / T)`` and ``softmax(student / T)``
   (``preserve="kl"``), cross-entropy on hard labels (``"ce"``), or, for models without logits such as a bare
   sentence encoder, ``1 - cosine`` (``"embedding"``) or relative squared error (``"mse"``) of the outputs.
-* ``lambda`` starts at ``lambda_init`` (10: the paper's 500 goes with T = 0.1, whose KL is about 1/T^2 = 100
+* ``lambda`` starts at ``lambda_init`` (KL: 10, the paper's 500 goes with T = 0.1, whose KL is about 1/T^2 = 100
   times the KL at the default T = 1); at every evaluation on held-out data it is multiplied by 0.8 when
   the outputs are not kept (accuracy, or top-1 agreement with the original, or output cosine fell more than
   ``tolerance`` below the original), else divided by 0.8. AdamW, cosine learning-rate schedule, gradient
@@ -90,7 +90,7 @@ def shift(
     lr: float | None = None,
     batch_size: int = 128,
     temperature: float = 1.0,
-    lambda_init: float = 10.0,
+    lambda_init: float | None = None,
     eval_data: Any = None,
     labels: Any = None,
     seed: int = 0,
@@ -110,7 +110,7 @@ def shift(
     weight_decay: float = 0.01,
     max_grad_norm: float = 1.0,
     train_mode: bool = False,
-    warmup: float = 0.0,
+    warmup: float | None = None,
     holdout: float = 0.2,
     target_tolerance: float = 0.05,
     stop_when_reached: bool = True,
