@@ -62,6 +62,8 @@ POLISH_EVALUATIONS, POLISH_FRACTION = 5, 0.1
 #: ``steps=None``: this many passes over the training data, within [AUTO_STEPS_MIN, AUTO_STEPS_MAX] steps.
 AUTO_EPOCHS = 150
 AUTO_STEPS_MIN, AUTO_STEPS_MAX = 300, 3000
+#: ... and for models above 10M trainable parameters (see :func:`auto_steps`).
+LARGE_EPOCHS, LARGE_STEPS = 50, (60, 600)
 
 
 #: ``lr=None``: the AdamW learning rate by the number of trainable parameters (AdamW moves every weight by about
@@ -94,10 +96,14 @@ def auto_warmup(n_params: int) -> float:
     return AUTO_WARMUP if n_params > AUTO_WARMUP_PARAMS else 0.0
 
 
-def auto_steps(n_train: int, batch_size: int) -> int:
-    """The default step budget: :data:`AUTO_EPOCHS` passes over ``n_train`` samples, clipped to the bounds."""
+def auto_steps(n_train: int, batch_size: int, n_params: int = 0) -> int:
+    """The default step budget: :data:`AUTO_EPOCHS` passes over ``n_train`` samples, clipped to the bounds; for a
+    model above 10M trainable parameters :data:`LARGE_EPOCHS` passes within :data:`LARGE_STEPS` (a step of a
+    pretrained transformer costs seconds on a CPU, and its lr of 1e-4 moves it within tens of steps)."""
     per_epoch = max(1, -(-n_train // batch_size))
-    return int(min(AUTO_STEPS_MAX, max(AUTO_STEPS_MIN, AUTO_EPOCHS * per_epoch)))
+    large = n_params > AUTO_WARMUP_PARAMS
+    epochs, (low, high) = (LARGE_EPOCHS, LARGE_STEPS) if large else (AUTO_EPOCHS, (AUTO_STEPS_MIN, AUTO_STEPS_MAX))
+    return int(min(high, max(low, epochs * per_epoch)))
 
 
 #: The constraints of :func:`shift`'s options (checked by :class:`ShiftConfig`) and of its model.

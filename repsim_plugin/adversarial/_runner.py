@@ -327,6 +327,8 @@ class Shifter:
         self.lr = cfg.lr if cfg.lr is not None else auto_lr(sum(p.numel() for p in self._params))
         optimizer = torch.optim.AdamW(self._params, lr=self.lr, weight_decay=cfg.weight_decay)
         n_params = sum(p.numel() for p in self._params)
+        if cfg.steps is None:
+            self.steps = auto_steps(self.n_train, cfg.batch_size, n_params)
         self.warmup = cfg.warmup if cfg.warmup is not None else auto_warmup(n_params)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(self.steps, self.warmup))
         every = self._eval_every()
