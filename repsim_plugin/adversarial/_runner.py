@@ -6,7 +6,6 @@ missed its target got. :func:`~repsim_plugin.adversarial.shift` (module :mod:`.s
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -109,8 +108,7 @@ class Shifter:
         self.eval_labels = all_labels(self.eval_chunks)
         self.steps = cfg.steps if cfg.steps is not None else auto_steps(self.n_train, cfg.batch_size)
         floating = [isinstance(c.inputs, torch.Tensor) and c.inputs.is_floating_point() for c in self.chunks]
-        self._vocabulary = token_vocabulary(self.student, self.chunks)
-        if cfg.mixup > 0 and cfg.preserve != "ce" and (all(floating) or self._vocabulary is not None):
+        if cfg.mixup > 0 and cfg.preserve != "ce" and all(floating):
             self.teacher = copy.deepcopy(self.model)
             self.teacher.requires_grad_(False)
             self.teacher_adapter = for_model(self.teacher)
@@ -281,18 +279,14 @@ class Shifter:
         token ids); with ``preserve="ce"`` (hard labels) it does not apply."""
         cfg = self.config
         inputs = chunk.inputs
-        if cfg.mixup == 0 or cfg.preserve == "ce":
+        if cfg.mixup == 0 or cfg.preserve == "ce" or not isinstance(inputs, torch.Tensor):
             return None
-        if self._vocabulary is not None and isinstance(inputs, Mapping):
-            mixed = replaced_tokens(take(inputs, index), self._vocabulary, self._mix_generator)
-            mixed = to_device(mixed, self.device)
-        elif isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
-            x = to_device(take(inputs, index), self.device)
-            a = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=self._mix_generator).to(x)
-            partner = torch.randperm(x.shape[0], generator=self._mix_generator).to(x.device)
-            mixed = a * x + (1 - a) * x[partner]
-        else:
+        if not inputs.is_floating_point():
             return None
+        x = to_device(take(inputs, index), self.device)
+        a = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=self._mix_generator).to(x)
+        partner = torch.randperm(x.shape[0], generator=self._mix_generator).to(x.device)
+        mixed = a * x + (1 - a) * x[partner]
         with torch.no_grad(), train_flags_kept(self.teacher):
             self.teacher.eval()
             raw = self.teacher_adapter.forward(mixed)
@@ -466,45 +460,6 @@ def token_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor 
         return (1.0 - cos).mean()
     weights = mask.to(cos.device, cos.dtype)
     return ((1.0 - cos) * weights).sum() / weights.sum().clamp(min=1.0)
-
-
-#: Token inputs: the fraction of each sentence's inner tokens replaced by random vocabulary tokens for the
-#: distillation on other inputs (the text counterpart of mixup).
-TOKEN_REPLACEMENT = 0.25
-
-
-def token_vocabulary(model: nn.Module, chunks: list[Chunk]) -> tuple[int, torch.Tensor] | None:
-    """For token-id inputs: the vocabulary size and the ids to leave alone (those at the first and last attended
-    position of any training sequence: [CLS], [SEP], ...); None for any other inputs."""
-    embeddings = getattr(model, "get_input_embeddings", None)
-    table = embeddings() if callable(embeddings) else None
-    if not isinstance(table, nn.Embedding):
-        return None
-    special = []
-    for chunk in chunks:
-        inputs = chunk.inputs
-        if not isinstance(inputs, Mapping) or "input_ids" not in inputs or "attention_mask" not in inputs:
-            return None
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dim() != 2:
-            return None
-        last = mask.long().sum(1).clamp(min=1) - 1
-        special += [ids[:, 0], ids.gather(1, last[:, None]).squeeze(1)]
-    return table.num_embeddings, torch.unique(torch.cat(special).cpu())
-
-
-def replaced_tokens(inputs: Mapping[str, Any], vocabulary: tuple[int, torch.Tensor], g: torch.Generator) -> Any:
-    """``inputs`` with :data:`TOKEN_REPLACEMENT` of the inner attended tokens replaced by random other tokens."""
-    size, special = vocabulary
-    ids, mask = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu()
-    position = torch.arange(ids.shape[1]).expand_as(ids)
-    inner = (mask > 0) & (position > 0) & (position < mask.long().sum(1, keepdim=True) - 1)
-    chosen = inner & (torch.rand(ids.shape, generator=g) < TOKEN_REPLACEMENT)
-    random_ids = torch.randint(0, size, ids.shape, generator=g)
-    random_ids = torch.where(torch.isin(random_ids, special), ids, random_ids)
-    out = dict(inputs)
-    out["input_ids"] = torch.where(chosen, random_ids, ids).to(inputs["input_ids"].device)
-    return out
 
 
 def _checks(e: Evaluation) -> dict[str, Any]:
