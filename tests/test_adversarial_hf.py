@@ -298,11 +298,16 @@ def test_default_shift_of_a_minilm_block_judged_on_sentences_it_never_saw(minilm
     before = debiased_cka64(pooled(model, unseen, 4), pooled(model, unseen, 4))
     after = debiased_cka64(pooled(result.model, unseen, 4), pooled(model, unseen, 4))
     cosine = torch.nn.functional.cosine_similarity(pooled(result.model, unseen, -1), pooled(model, unseen, -1), dim=1)
-    print("MEASURED", after, float(cosine.min()), float(cosine.mean()), result.seconds, result.steps_run, result)
     assert before == pytest.approx(1.0)
-    assert after <= 0.99  # measured
-    assert float(cosine.min()) >= 0.9  # measured
-    assert result.kept and result.lr == 1e-4 and result.steps == 60  # 50 passes, at least 60 steps (10M parameters)
+    # what the defaults get (issue 13 asks for CKA <= 0.5 with every cosine >= 0.98: not met, see the report)
+    assert after <= 0.7  # measured 0.573 (held-out part: 0.607; the optimiser's minibatch estimate 0.499)
+    assert float(cosine.min()) >= 0.96  # measured 0.972
+    assert float(cosine.mean()) >= 0.975  # measured 0.983
+    assert result.kept and result.cosine >= 0.985  # measured 0.985 on the held-out part (criterion: mean cosine)
+    assert result.lr == 1e-4 and result.steps == 60  # 50 passes, at least 60 steps (above 10M parameters)
+    assert result.history[0]["lambda"] == 0.5  # lambda_init=None under preserve="embedding"
+    message = next(str(w.message) for w in caught if w.category is TargetNotReachedWarning)
+    assert "did not reach the target" in message and "32 held-out samples" in message
 
 
 @pytest.mark.slow
