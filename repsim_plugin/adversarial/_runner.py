@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
 
 from .._utils.batches import TrainFlags, model_device, take, to_device, train_flags_kept
 from ..adapters import for_model
@@ -42,18 +41,21 @@ from ._config import (
 )
 from ._data import MIN_BATCH, Chunk, all_labels, as_chunks, hold_out, minibatches, sample_inputs
 from .objective import (
+    TOKEN_STATES_MAX,
     MinibatchMeasure,
     OutputChecks,
     QuietMeasure,
     evaluation_measure,
     preservation_loss,
     preserved_output,
+    token_loss,
+    token_states,
 )
 from .perturbation import LowRankAffine, attach_perturbation
-from .result import ShiftResult
+from .result import ShiftResult, not_reached_message
 from .targets import Evaluation, MapTarget, PairTarget
 
-__all__ = ["Shifter", "not_reached_message"]
+__all__ = ["Shifter", "not_reached_message"]  # not_reached_message: from .result, for the old import path
 
 
 class Shifter:
@@ -141,7 +143,7 @@ class Shifter:
         """The target's layer rows (from the capture) and the preserved output of one forward pass."""
         raw = self.adapter.forward(inputs)
         out = preserved_output(self.adapter, raw, inputs, self.config.output, self.config.preserve)
-        self._tokens = token_states(self.adapter, raw, inputs, self.config)
+        self._tokens = token_states(self.adapter, raw, inputs, self.config.preserve, self.config.output)
         return self.target.select(self._sink.pop("rows")), out
 
     @torch.no_grad()
@@ -440,54 +442,6 @@ class Shifter:
         return None
 
 
-#: The most token-state values (floats) kept of the original for the token-level preservation loss.
-TOKEN_STATES_MAX = 64 * 2**20
-
-
-def token_states(adapter: Any, raw: Any, inputs: Any, config: ShiftConfig) -> torch.Tensor | None:
-    """A bare encoder's (batch, tokens, channels) output under ``preserve="embedding"``, else None."""
-    if config.preserve != "embedding" or config.output is not None:
-        return None
-    tensor = adapter.main_output(raw)
-    return tensor if tensor.dim() == 3 and adapter.attention_mask(inputs) is not None else None
-
-
-def token_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean ``1 - cosine`` of the attended tokens' output states: the sentence embedding is their mean, and keeping
-    every token's direction constrains the network far more than keeping the mean of each training sentence."""
-    cos = F.cosine_similarity(student.float(), teacher.float(), dim=-1)
-    if mask is None:
-        return (1.0 - cos).mean()
-    weights = mask.to(cos.device, cos.dtype)
-    return ((1.0 - cos) * weights).sum() / weights.sum().clamp(min=1.0)
-
-
 def _checks(e: Evaluation) -> dict[str, Any]:
     o = e.outputs
     return {"value": e.value, "agreement": o.agreement, "accuracy": o.accuracy, "cosine": o.cosine}
-
-
-def not_reached_message(result: ShiftResult) -> str:
-    """What :class:`TargetNotReachedWarning` says: how close the run got with outputs kept, and what to try."""
-    where = f"{result.n_eval} {'held-out' if result.held_out else 'training'} samples"
-    if result.map_layers is not None:
-        got = f"map error {result.map_error_after:.3f}"
-        goal = f"map error <= {result.target_tolerance:g}"
-    else:
-        got = f"{result.measure} {result.measure_after:.3f}"
-        goal = f"{result.target:g} +- {result.target_tolerance:g}"
-    closest = result.closest
-    closer = ""
-    if closest and closest.get("step") not in (None, result.best_step):
-        shown = closest["value"] if closest.get("value") is not None else closest["distance"]
-        check = closest.get("agreement") if closest.get("agreement") is not None else closest.get("cosine")
-        closer = (
-            f" The closest state overall ({shown:.3f} at step {closest['step']}) lost the outputs "
-            f"({'agreement' if closest.get('agreement') is not None else 'cosine'} {check:.3f})."
-        )
-    return (
-        f"shift did not reach the target: with the outputs kept ({result.criterion} within {result.tolerance:g}) the "
-        f"best state (step {result.best_step} of {result.steps_run}) has {got} on {where}; the target is {goal}."
-        f"{closer} Try more steps (steps={max(2 * result.steps, 100)}), a larger target_tolerance=, a larger "
-        "tolerance= on the outputs, or mode='perturbation' (a frozen network with an edit of the layer's output)."
-    )

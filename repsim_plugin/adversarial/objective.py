@@ -29,6 +29,7 @@ from ..measures.kernels import KERNELS, NULL_BIAS_WARNING, cka_from_hsic, expect
 
 __all__ = [
     "PRESERVE",
+    "TOKEN_STATES_MAX",
     "MinibatchMeasure",
     "OutputChecks",
     "QuietMeasure",
@@ -38,6 +39,8 @@ __all__ = [
     "log_cosh",
     "preservation_loss",
     "preserved_output",
+    "token_loss",
+    "token_states",
 ]
 
 #: Output-preservation losses: distillation KL at temperature T, cross-entropy on labels, 1 - cosine of the
@@ -224,6 +227,28 @@ def preservation_loss(
     if preserve == "embedding":
         return (1.0 - F.cosine_similarity(student, teacher, dim=1)).mean()
     return (student - teacher).square().mean() / teacher.square().mean()
+
+
+#: The most token-state values (floats) kept of the original for the token-level preservation loss.
+TOKEN_STATES_MAX = 64 * 2**20
+
+
+def token_states(adapter: Adapter, raw: Any, inputs: Any, preserve: str, output: Any) -> torch.Tensor | None:
+    """A bare encoder's (batch, tokens, channels) output under ``preserve="embedding"``, else None."""
+    if preserve != "embedding" or output is not None:
+        return None
+    tensor = adapter.main_output(raw)
+    return tensor if tensor.dim() == 3 and adapter.attention_mask(inputs) is not None else None
+
+
+def token_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean ``1 - cosine`` of the attended tokens' output states: the sentence embedding is their mean, and keeping
+    every token's direction constrains the network far more than keeping the mean of each training sentence."""
+    cos = F.cosine_similarity(student.float(), teacher.float(), dim=-1)
+    if mask is None:
+        return (1.0 - cos).mean()
+    weights = mask.to(cos.device, cos.dtype)
+    return ((1.0 - cos) * weights).sum() / weights.sum().clamp(min=1.0)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from torch import nn
 from ..errors import RepsimError
 from .perturbation import perturbation_hook
 
-__all__ = ["ShiftResult", "map_error"]
+__all__ = ["ShiftResult", "map_error", "not_reached_message"]
 
 
 @dataclass(eq=False)
@@ -215,3 +215,29 @@ def map_error(values: torch.Tensor | None, target: torch.Tensor | None) -> float
         return None
     free = torch.isnan(target)
     return float((values - target).abs()[~free].mean())
+
+
+def not_reached_message(result: ShiftResult) -> str:
+    """What :class:`TargetNotReachedWarning` says: how close the run got with outputs kept, and what to try."""
+    where = f"{result.n_eval} {'held-out' if result.held_out else 'training'} samples"
+    if result.map_layers is not None:
+        got = f"map error {result.map_error_after:.3f}"
+        goal = f"map error <= {result.target_tolerance:g}"
+    else:
+        got = f"{result.measure} {result.measure_after:.3f}"
+        goal = f"{result.target:g} +- {result.target_tolerance:g}"
+    closest = result.closest
+    closer = ""
+    if closest and closest.get("step") not in (None, result.best_step):
+        shown = closest["value"] if closest.get("value") is not None else closest["distance"]
+        check = closest.get("agreement") if closest.get("agreement") is not None else closest.get("cosine")
+        closer = (
+            f" The closest state overall ({shown:.3f} at step {closest['step']}) lost the outputs "
+            f"({'agreement' if closest.get('agreement') is not None else 'cosine'} {check:.3f})."
+        )
+    return (
+        f"shift did not reach the target: with the outputs kept ({result.criterion} within {result.tolerance:g}) the "
+        f"best state (step {result.best_step} of {result.steps_run}) has {got} on {where}; the target is {goal}."
+        f"{closer} Try more steps (steps={max(2 * result.steps, 100)}), a larger target_tolerance=, a larger "
+        "tolerance= on the outputs, or mode='perturbation' (a frozen network with an edit of the layer's output)."
+    )
