@@ -280,7 +280,7 @@ def test_default_shift_of_a_minilm_block_judged_on_sentences_it_never_saw(minilm
     model, tokenizer = minilm
     batch = dict(tokenizer(GIVEN, padding=True, return_tensors="pt"))
     with pytest.warns(TargetNotReachedWarning) as caught:
-        result = shift(model, BLOCK, batch, target=0.5, preserve="embedding")
+        result = shift(model, BLOCK, batch, target=0.2, preserve="embedding")
     # 32 held-out sentences against a block that spreads over ~19 directions: biased CKA is inflated there, so the
     # evaluations use debiased CKA and the result names it, next to the asked-for (biased) value
     assert result.n_eval == 32 and result.n_train == 128 and result.held_out
@@ -299,11 +299,13 @@ def test_default_shift_of_a_minilm_block_judged_on_sentences_it_never_saw(minilm
     after = debiased_cka64(pooled(result.model, unseen, 4), pooled(model, unseen, 4))
     cosine = torch.nn.functional.cosine_similarity(pooled(result.model, unseen, -1), pooled(model, unseen, -1), dim=1)
     assert before == pytest.approx(1.0)
-    # what the defaults get (issue 13 asks for CKA <= 0.5 with every cosine >= 0.98: not met, see the report)
-    assert after <= 0.7  # measured 0.573 (held-out part: 0.607; the optimiser's minibatch estimate 0.499)
-    assert float(cosine.min()) >= 0.96  # measured 0.972
+    # CKA moves by at least 0.5 on sentences the run never saw; issue 13 also asks for every sentence's cosine
+    # >= 0.98, which the defaults do not meet (the smallest is 0.97; the mean-cosine criterion keeps 0.985)
+    assert after <= 0.5  # measured 0.472 (held-out part: 0.464; the optimiser's minibatch estimate 0.378)
+    assert float(cosine.min()) >= 0.96  # measured 0.970
     assert float(cosine.mean()) >= 0.975  # measured 0.983
-    assert result.kept and result.cosine >= 0.985  # measured 0.985 on the held-out part (criterion: mean cosine)
+    assert result.kept and result.cosine >= 0.985 - 1e-9  # measured 0.985 on the held-out part (mean cosine)
+    assert result.as_requested["after"] <= 0.7  # measured 0.619: biased CKA of the same 32 sentences
     assert result.lr == 1e-4 and result.steps == 60  # 50 passes, at least 60 steps (above 10M parameters)
     assert result.history[0]["lambda"] == 0.5  # lambda_init=None under preserve="embedding"
     message = next(str(w.message) for w in caught if w.category is TargetNotReachedWarning)
@@ -327,10 +329,14 @@ def test_shift_moves_a_minilm_block_while_sentence_embeddings_keep_their_directi
     assert result.criterion == "cosine" and result.agreement is None
     # recomputed from transformers' hidden states: block 3 is hidden_states[4]
     assert not result.held_out and result.held_out_indices is None and result.n_eval == len(SENTENCES)
+    # 64 sentences against ~26 effective dimensions: the evaluations use debiased CKA, the biased value rides along
+    assert result.estimator == "cka-kernel=linear-hsic=song-score" and result.as_requested is not None
+    debiased_after = debiased_cka64(pooled(result.model, batch, 4), pooled(model, batch, 4))
+    assert debiased_after == pytest.approx(result.measure_after, abs=1e-4)
     cka_after = linear_cka(pooled(result.model, batch, 4), pooled(model, batch, 4))
-    assert cka_after == pytest.approx(result.measure_after, abs=1e-5)
+    assert cka_after == pytest.approx(result.as_requested["after"], abs=1e-5)
     assert result.measure_before == pytest.approx(1.0, abs=1e-6)
-    assert 1.0 - cka_after >= 0.3  # measured 0.58 (CKA 0.42)
+    assert 1.0 - cka_after >= 0.3  # measured 0.53 (CKA 0.47; debiased 0.41)
     # the sentence embeddings (mean-pooled last hidden state) keep their direction
     cosine = torch.nn.functional.cosine_similarity(pooled(result.model, batch, -1), pooled(model, batch, -1), dim=1)
     assert float(cosine.mean()) == pytest.approx(result.cosine, abs=1e-5)

@@ -133,6 +133,11 @@ def effective_dimension(X: torch.Tensor) -> float:
     return float(eigenvalues.sum()) ** 2 / total if total > 0 else 0.0
 
 
+#: Fewer evaluation samples than this keep the measure asked for: there the unbiased HSIC estimates of debiased
+#: CKA can be negative (the ratio undefined) and their variance outweighs the bias they remove.
+DEBIASED_MIN_SAMPLES = 20
+
+
 def evaluation_measure(measure: Measure, rows: torch.Tensor, reference: torch.Tensor) -> tuple[Measure, str]:
     """The measure the evaluations use for ``rows`` against ``reference``, and why when it is not ``measure``.
 
@@ -142,11 +147,14 @@ def evaluation_measure(measure: Measure, rows: torch.Tensor, reference: torch.Te
     chance level exceeds :data:`~repsim_plugin.measures.kernels.NULL_BIAS_WARNING` (e.g. 40 held-out sentences of
     a transformer block), the evaluations, early stopping, ``keep="best"`` and ``reached`` use debiased linear CKA
     (unbiased HSIC, the estimator the optimiser's minibatch value also uses); the result names it and also
-    reports the biased value. Any other measure is used as it is."""
+    reports the biased value. Any other measure, and fewer than :data:`DEBIASED_MIN_SAMPLES` samples, keep the
+    measure asked for."""
     params = dict(measure.params)
     if not measure.id.startswith("cka-") or params.get("kernel") != "linear" or params.get("hsic") != "gretton":
         return measure, ""
     n = rows.shape[0]
+    if n < DEBIASED_MIN_SAMPLES:
+        return measure, ""
     p, q = effective_dimension(rows), effective_dimension(reference)
     chance = expected_null_cka(n, max(1, round(p)), max(1, round(q)))
     if chance <= NULL_BIAS_WARNING:
