@@ -48,6 +48,7 @@ class Chunk:
     # filled in by the precomputation: per-sample targets of the objective and the preservation loss
     reference: torch.Tensor | None = None
     teacher: torch.Tensor | None = None
+    teacher_tokens: torch.Tensor | None = None
 
     def pieces(self, size: int) -> list[torch.Tensor]:
         return list(torch.arange(self.n).split(size))

@@ -25,17 +25,22 @@ from ..adapters import Adapter
 from ..capture import reduce_output
 from ..errors import RepsimError, UnknownNameError
 from ..measures import Measure, list_measures, make
-from ..measures.kernels import KERNELS, cka_from_hsic, hsic_unbiased
+from ..measures.kernels import KERNELS, NULL_BIAS_WARNING, cka_from_hsic, expected_null_cka, hsic_unbiased
 
 __all__ = [
     "PRESERVE",
+    "TOKEN_STATES_MAX",
     "MinibatchMeasure",
     "OutputChecks",
     "QuietMeasure",
     "differentiable_measure",
+    "effective_dimension",
+    "evaluation_measure",
     "log_cosh",
     "preservation_loss",
     "preserved_output",
+    "token_loss",
+    "token_states",
 ]
 
 #: Output-preservation losses: distillation KL at temperature T, cross-entropy on labels, 1 - cosine of the
@@ -115,6 +120,52 @@ class MinibatchMeasure:
         return torch.stack([torch.stack(row) for row in entries])
 
 
+def effective_dimension(X: torch.Tensor) -> float:
+    """The participation ratio ``(sum l)^2 / sum l^2`` of the centred rows' covariance eigenvalues ``l``.
+
+    The number of directions the rows really spread over (nominal features overstate it: a layer of 384 units
+    whose rows lie near 20 directions behaves, for CKA's bias, like 20 features)."""
+    Xc = X.to(torch.float64)
+    Xc = Xc - Xc.mean(0)
+    gram = Xc @ Xc.T if Xc.shape[0] <= Xc.shape[1] else Xc.T @ Xc  # same non-zero eigenvalues
+    eigenvalues = torch.linalg.eigvalsh(gram).clamp(min=0)
+    total = float(eigenvalues.square().sum())
+    return float(eigenvalues.sum()) ** 2 / total if total > 0 else 0.0
+
+
+#: Fewer evaluation samples than this keep the measure asked for: there the unbiased HSIC estimates of debiased
+#: CKA can be negative (the ratio undefined) and their variance outweighs the bias they remove.
+DEBIASED_MIN_SAMPLES = 20
+
+
+def evaluation_measure(measure: Measure, rows: torch.Tensor, reference: torch.Tensor) -> tuple[Measure, str]:
+    """The measure the evaluations use for ``rows`` against ``reference``, and why when it is not ``measure``.
+
+    Biased linear CKA (``hsic=gretton``) of n rows is inflated by chance when n is small against the dimensions
+    the rows span: independent features of that shape already score about ``sqrt(pq / ((n+p)(n+q)))``
+    (:func:`~repsim_plugin.measures.kernels.expected_null_cka`, with p, q the effective dimensions). When that
+    chance level exceeds :data:`~repsim_plugin.measures.kernels.NULL_BIAS_WARNING` (e.g. 40 held-out sentences of
+    a transformer block), the evaluations, early stopping, ``keep="best"`` and ``reached`` use debiased linear CKA
+    (unbiased HSIC, the estimator the optimiser's minibatch value also uses); the result names it and also
+    reports the biased value. Any other measure, and fewer than :data:`DEBIASED_MIN_SAMPLES` samples, keep the
+    measure asked for."""
+    params = dict(measure.params)
+    if not measure.id.startswith("cka-") or params.get("kernel") != "linear" or params.get("hsic") != "gretton":
+        return measure, ""
+    n = rows.shape[0]
+    if n < DEBIASED_MIN_SAMPLES:
+        return measure, ""
+    p, q = effective_dimension(rows), effective_dimension(reference)
+    chance = expected_null_cka(n, max(1, round(p)), max(1, round(q)))
+    if chance <= NULL_BIAS_WARNING:
+        return measure, ""
+    reason = (
+        f"debiased: {n} evaluation samples against {p:.0f} / {q:.0f} effective dimensions, where biased CKA of "
+        f"independent features is already about {chance:.2f}"
+    )
+    return make("cka", kernel="linear", hsic="song"), reason
+
+
 class QuietMeasure:
     """The full-data measure of the evaluations; its warnings (the same at every evaluation) are collected and
     issued once, by :meth:`reissue`, pointing at the caller."""
@@ -184,6 +235,28 @@ def preservation_loss(
     if preserve == "embedding":
         return (1.0 - F.cosine_similarity(student, teacher, dim=1)).mean()
     return (student - teacher).square().mean() / teacher.square().mean()
+
+
+#: The most token-state values (floats) kept of the original for the token-level preservation loss.
+TOKEN_STATES_MAX = 64 * 2**20
+
+
+def token_states(adapter: Adapter, raw: Any, inputs: Any, preserve: str, output: Any) -> torch.Tensor | None:
+    """A bare encoder's (batch, tokens, channels) output under ``preserve="embedding"``, else None."""
+    if preserve != "embedding" or output is not None:
+        return None
+    tensor = adapter.main_output(raw)
+    return tensor if tensor.dim() == 3 and adapter.attention_mask(inputs) is not None else None
+
+
+def token_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean ``1 - cosine`` of the attended tokens' output states: the sentence embedding is their mean, and keeping
+    every token's direction constrains the network far more than keeping the mean of each training sentence."""
+    cos = F.cosine_similarity(student.float(), teacher.float(), dim=-1)
+    if mask is None:
+        return (1.0 - cos).mean()
+    weights = mask.to(cos.device, cos.dtype)
+    return ((1.0 - cos) * weights).sum() / weights.sum().clamp(min=1.0)
 
 
 @dataclass(frozen=True)

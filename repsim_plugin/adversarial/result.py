@@ -14,7 +14,7 @@ from torch import nn
 from ..errors import RepsimError
 from .perturbation import perturbation_hook
 
-__all__ = ["ShiftResult", "map_error"]
+__all__ = ["ShiftResult", "map_error", "not_reached_message"]
 
 
 @dataclass(eq=False)
@@ -85,6 +85,12 @@ class ShiftResult:
     lr: float = 0.0
     #: The evaluated state closest to the target whether or not it kept the outputs (distance, step, checks).
     closest: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: The estimator of the measure that every evaluation, ``reached`` and ``measure_before`` / ``measure_after``
+    #: use: the measure asked for, or debiased CKA where biased CKA is inflated on so few evaluation samples
+    #: (``estimator_reason`` says why; ``as_requested`` then holds the asked-for measure's before / after).
+    estimator: str = ""
+    estimator_reason: str = ""
+    as_requested: dict[str, float] | None = None
     #: Evaluation rows (CPU, float32): "before" / "after" of the layer and "reference"; not part of to_dict().
     representations: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     #: The layout ("NCHW", "NHWC", ...) of the perturbed layer's output: where :meth:`perturbed` finds features.
@@ -158,6 +164,9 @@ class ShiftResult:
             "stopped_at": self.stopped_at,
             "steps_run": self.steps_run,
             "minibatch_estimate": self.minibatch_estimate,
+            "estimator": self.estimator,
+            "estimator_reason": self.estimator_reason,
+            "as_requested": None if self.as_requested is None else dict(self.as_requested),
             "mixup": self.mixup,
             "lr": self.lr,
             "closest": dict(self.closest),
@@ -173,6 +182,12 @@ class ShiftResult:
             what = f"map error {self.map_error_before:.3f} -> {self.map_error_after:.3f} on {where}"
         else:
             what = f"{self.measure} {self.measure_before:.3f} -> {self.measure_after:.3f} on {where}"
+            if self.estimator_reason and self.as_requested is not None:
+                asked = self.as_requested
+                what = (
+                    f"{self.estimator} {self.measure_before:.3f} -> {self.measure_after:.3f} on {where} "
+                    f"({self.estimator_reason}; {self.measure} {asked['before']:.3f} -> {asked['after']:.3f})"
+                )
         goal = "map error" if self.map_layers is not None else f"target {self.target:g}"
         verdict = "reached" if self.reached else "NOT reached"
         estimate = "" if self.minibatch_estimate is None else f"; {self.objective}: {self.minibatch_estimate:.3f}"
@@ -200,3 +215,29 @@ def map_error(values: torch.Tensor | None, target: torch.Tensor | None) -> float
         return None
     free = torch.isnan(target)
     return float((values - target).abs()[~free].mean())
+
+
+def not_reached_message(result: ShiftResult) -> str:
+    """What :class:`TargetNotReachedWarning` says: how close the run got with outputs kept, and what to try."""
+    where = f"{result.n_eval} {'held-out' if result.held_out else 'training'} samples"
+    if result.map_layers is not None:
+        got = f"map error {result.map_error_after:.3f}"
+        goal = f"map error <= {result.target_tolerance:g}"
+    else:
+        got = f"{result.measure} {result.measure_after:.3f}"
+        goal = f"{result.target:g} +- {result.target_tolerance:g}"
+    closest = result.closest
+    closer = ""
+    if closest and closest.get("step") not in (None, result.best_step):
+        shown = closest["value"] if closest.get("value") is not None else closest["distance"]
+        check = closest.get("agreement") if closest.get("agreement") is not None else closest.get("cosine")
+        closer = (
+            f" The closest state overall ({shown:.3f} at step {closest['step']}) lost the outputs "
+            f"({'agreement' if closest.get('agreement') is not None else 'cosine'} {check:.3f})."
+        )
+    return (
+        f"shift did not reach the target: with the outputs kept ({result.criterion} within {result.tolerance:g}) the "
+        f"best state (step {result.best_step} of {result.steps_run}) has {got} on {where}; the target is {goal}."
+        f"{closer} Try more steps (steps={max(2 * result.steps, 100)}), a larger target_tolerance=, a larger "
+        "tolerance= on the outputs, or mode='perturbation' (a frozen network with an edit of the layer's output)."
+    )

@@ -14,7 +14,7 @@ original constrains what the model outputs. The objective is the paper's (see :m
 * ``preservation`` is the distillation KL between ``softmax(teacher / T)`` and ``softmax(student / T)``
   (``preserve="kl"``), cross-entropy on hard labels (``"ce"``), or, for models without logits such as a bare
   sentence encoder, ``1 - cosine`` (``"embedding"``) or relative squared error (``"mse"``) of the outputs.
-* ``lambda`` starts at ``lambda_init`` (10: the paper's 500 goes with T = 0.1, whose KL is about 1/T^2 = 100
+* ``lambda`` starts at ``lambda_init`` (KL: 10, the paper's 500 goes with T = 0.1, whose KL is about 1/T^2 = 100
   times the KL at the default T = 1); at every evaluation on held-out data it is multiplied by 0.8 when
   the outputs are not kept (accuracy, or top-1 agreement with the original, or output cosine fell more than
   ``tolerance`` below the original), else divided by 0.8. AdamW, cosine learning-rate schedule, gradient
@@ -29,50 +29,39 @@ the global random state is left as it was.
 
 from __future__ import annotations
 
-import copy
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._utils.batches import TrainFlags, model_device, take, to_device, train_flags_kept
-from .._utils.checks import Bool, Callable_, Choice, Float, Instance, Int, Optional, check_one, check_params
+from .._utils.checks import check_one
 from .._utils.warnings import warn
-from ..adapters import for_model
-from ..capture import SPATIAL_POLICIES, TOKEN_POLICIES, capture
-from ..errors import DegenerateInputError, InputShapeError, RepsimError, TargetNotReachedWarning
+from ..errors import TargetNotReachedWarning
 from ..measures import Measure
-from ..results import state_dict_fingerprint
-from ._bookkeeping import (
-    LAMBDA_FACTOR,
-    BestState,
-    Fidelity,
-    History,
-    LambdaSchedule,
-    LossMeans,
-    ProgressBar,
-    lr_schedule,
-    resolve_criterion,
+from ._bookkeeping import LAMBDA_FACTOR
+from ._config import (
+    AUTO_EPOCHS,
+    AUTO_STEPS_MAX,
+    AUTO_STEPS_MIN,
+    CRITERIA,
+    KEEP,
+    MODES,
+    SHIFT_PARAMS,
+    ShiftConfig,
+    auto_lr,
+    auto_steps,
 )
-from ._data import MIN_BATCH, Chunk, all_labels, as_chunks, hold_out, minibatches, sample_inputs
-from .objective import (
-    PRESERVE,
-    MinibatchMeasure,
-    OutputChecks,
-    QuietMeasure,
-    differentiable_measure,
-    preservation_loss,
-    preserved_output,
-)
-from .perturbation import LowRankAffine, attach_perturbation
+from ._runner import Shifter, not_reached_message
+from .objective import differentiable_measure
 from .result import ShiftResult
-from .targets import Evaluation, MapTarget, PairTarget, make_target
+from .targets import MapTarget, make_target
 
 __all__ = [
+    "AUTO_EPOCHS",
+    "AUTO_STEPS_MAX",
+    "AUTO_STEPS_MIN",
     "CRITERIA",
     "KEEP",
     "LAMBDA_FACTOR",
@@ -80,498 +69,11 @@ __all__ = [
     "SHIFT_PARAMS",
     "ShiftConfig",
     "Shifter",
+    "auto_lr",
     "auto_steps",
+    "not_reached_message",
     "shift",
 ]
-
-#: ``finetune``: train the copy's weights; ``perturbation``: frozen network, learnable edit of the layer output.
-MODES: tuple[str, ...] = ("finetune", "perturbation")
-#: What "outputs kept" means at an evaluation. ``auto``: for classifiers, top-1 agreement with the original and,
-#: when the evaluation data have labels, accuracy too (both within ``tolerance``); else the mean output cosine.
-CRITERIA: tuple[str, ...] = ("auto", "accuracy", "agreement", "cosine")
-#: ``best``: the evaluated state closest to the target among those that kept the outputs; ``last``: the final one.
-KEEP: tuple[str, ...] = ("best", "last")
-
-#: About this many evaluations per run (at most one per pass over the training data).
-EVALUATIONS = 30
-#: ``stop_when_reached`` stops at the first evaluation that kept the outputs within this fraction of
-#: ``target_tolerance`` of the target: the evaluation data are a sample, so stopping a little inside the tolerance
-#: leaves room for the difference between them and other data.
-STOP_FRACTION = 0.5
-#: After the first evaluation that reached the target with outputs kept, ``stop_when_reached`` runs on for
-#: this many evaluations (at least this fraction of the budget), keeping the state with the closest outputs
-#: among those that stay within the band: the steps after reaching the target repair the outputs.
-POLISH_EVALUATIONS, POLISH_FRACTION = 5, 0.1
-#: ``steps=None``: this many passes over the training data, within [AUTO_STEPS_MIN, AUTO_STEPS_MAX] steps.
-AUTO_EPOCHS = 150
-AUTO_STEPS_MIN, AUTO_STEPS_MAX = 300, 3000
-
-
-#: ``lr=None``: the AdamW learning rate by the number of trainable parameters (AdamW moves every weight by about
-#: lr per step, which a large pretrained network does not survive): (at most this many, lr).
-AUTO_LR: tuple[tuple[float, float], ...] = ((1e6, 1e-2), (1e7, 1e-3), (math.inf, 1e-4))
-
-
-def auto_lr(n_params: int) -> float:
-    """The default learning rate for a model with ``n_params`` trainable parameters (see :data:`AUTO_LR`)."""
-    return next(lr for bound, lr in AUTO_LR if n_params <= bound)
-
-
-def auto_steps(n_train: int, batch_size: int) -> int:
-    """The default step budget: :data:`AUTO_EPOCHS` passes over ``n_train`` samples, clipped to the bounds."""
-    per_epoch = max(1, -(-n_train // batch_size))
-    return int(min(AUTO_STEPS_MAX, max(AUTO_STEPS_MIN, AUTO_EPOCHS * per_epoch)))
-
-
-#: The constraints of :func:`shift`'s options (checked by :class:`ShiftConfig`) and of its model.
-SHIFT_PARAMS = {
-    "model": Instance(nn.Module, "a torch.nn.Module"),
-    "mode": Choice(MODES),
-    "preserve": Choice(PRESERVE),
-    "criterion": Choice(CRITERIA),
-    "keep": Choice(KEEP),
-    "steps": Optional(Int(minimum=0)),
-    "batch_size": Int(minimum=MIN_BATCH),
-    "lr": Optional(Float(positive=True)),
-    "temperature": Float(positive=True),
-    "lambda_init": Float(positive=True),
-    "tolerance": Float(minimum=0),
-    "max_grad_norm": Float(positive=True),
-    "weight_decay": Float(minimum=0),
-    "warmup": Float(minimum=0, below=1),
-    "seed": Int(minimum=0),
-    "rank": Int(minimum=1),
-    "measure": Instance((str, Measure), "a measure name or id, or a Measure"),
-    "eval_every": Optional(Int(minimum=1)),
-    "tokens": Choice(TOKEN_POLICIES),
-    "spatial": Choice(SPATIAL_POLICIES),
-    "output": Optional(Callable_("a callable mapping the model's output to a (batch, k) tensor")),
-    "train_mode": Bool(),
-    "progress": Bool(),
-    "holdout": Float(minimum=0, below=1),
-    "target_tolerance": Float(minimum=0),
-    "stop_when_reached": Bool(),
-    "mixup": Float(minimum=0),
-}
-
-
-@dataclass
-class ShiftConfig:
-    """The options of one shift (what :func:`shift` documents), checked against :data:`SHIFT_PARAMS`.
-
-    Numbers are normalised on construction (``lr=1`` becomes ``1.0``), so a config holds exactly what the run uses.
-    """
-
-    mode: str = "finetune"
-    preserve: str = "kl"
-    criterion: str = "auto"
-    keep: str = "best"
-    steps: int | None = None
-    batch_size: int = 128
-    lr: float | None = None
-    temperature: float = 1.0
-    lambda_init: float = 10.0
-    tolerance: float = 0.015
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.01
-    warmup: float = 0.0
-    seed: int = 0
-    rank: int = 8
-    measure: str | Measure = "cka"
-    eval_every: int | None = None
-    tokens: str = "mean"
-    spatial: str = "flatten"
-    output: Callable[[Any], torch.Tensor] | None = None
-    train_mode: bool = False
-    progress: bool = True
-    holdout: float = 0.2
-    target_tolerance: float = 0.05
-    stop_when_reached: bool = True
-    mixup: float = 1.0
-
-    def __post_init__(self) -> None:
-        given = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in check_params(SHIFT_PARAMS, **given).items():
-            setattr(self, name, value)
-
-    @property
-    def eval_batch(self) -> int:
-        """Rows per forward pass when evaluating (no gradients: larger than the training minibatch)."""
-        return max(self.batch_size, 256)
-
-
-# --- the run --------------------------------------------------------------------------------------------------
-
-
-class Shifter:
-    """One shift, step by step: the copy, the data, the original's outputs, the optimisation, the result.
-
-    Build it with the resolved measure, a target (:mod:`.targets`) and a :class:`ShiftConfig`, then :meth:`run`
-    it once. The model passed in is only read: everything happens on ``self.student``, a deep copy.
-    """
-
-    def __init__(self, model: nn.Module, measure: Measure, target: PairTarget | MapTarget, config: ShiftConfig) -> None:
-        self.model, self.measure, self.target, self.config = model, measure, target, config
-        self.estimate = MinibatchMeasure(measure)
-        self.student = copy.deepcopy(model)
-        self._flags = TrainFlags(self.student)
-        self._requires = [(p, p.requires_grad) for p in self.student.parameters()]
-        self.adapter = for_model(self.student)
-        self.device = model_device(self.student)
-        self.perturbation: LowRankAffine | None = None
-        self.layout: str | None = None
-        self._handle: torch.utils.hooks.RemovableHandle | None = None
-        self._params: list[nn.Parameter] = []
-        self.quiet = QuietMeasure(measure)
-        self._sink: dict[str, dict[str, torch.Tensor]] = {}
-
-    # --- the data and the original's outputs --------------------------------------------------------------
-
-    def _load(self, data: Any, labels: Any, eval_data: Any, eval_labels: Any) -> None:
-        cfg = self.config
-        self.chunks = as_chunks(data, self.adapter, labels, "data")
-        self.held_out_index: torch.Tensor | None = None
-        if eval_data is not None:
-            self.evaluated_on = "eval_data"
-            self.eval_chunks = as_chunks(eval_data, self.adapter, eval_labels, "eval_data")
-        elif cfg.holdout > 0:
-            n_total = sum(c.n for c in self.chunks)
-            self.chunks, self.eval_chunks, self.held_out_index = hold_out(self.chunks, cfg.holdout, cfg.seed)
-            self._split_reference(n_total)
-            self.evaluated_on = f"held out from data (holdout={cfg.holdout:g}, seed={cfg.seed})"
-        else:
-            self.evaluated_on = "the training data (holdout=0)"
-            self.eval_chunks = self.chunks
-        self.held_out = self.eval_chunks is not self.chunks
-        self.n_train = sum(c.n for c in self.chunks)
-        self.n_eval = sum(c.n for c in self.eval_chunks)
-        if self.n_train < MIN_BATCH or self.n_eval < MIN_BATCH:
-            raise RepsimError(f"shift needs at least {MIN_BATCH} training and evaluation samples (unbiased HSIC).")
-        capture_options = {"batch_size": cfg.eval_batch, "tokens": cfg.tokens, "spatial": cfg.spatial}
-        self.target.prepare(self.chunks, self.eval_chunks, self.held_out, **capture_options)
-        if cfg.preserve == "ce" and any(c.labels is None for c in self.chunks):
-            raise RepsimError("preserve='ce' trains on hard labels: pass labels= (or (inputs, labels) batches).")
-        self.eval_labels = all_labels(self.eval_chunks)
-        self.steps = cfg.steps if cfg.steps is not None else auto_steps(self.n_train, cfg.batch_size)
-        floating = [isinstance(c.inputs, torch.Tensor) and c.inputs.is_floating_point() for c in self.chunks]
-        if cfg.mixup > 0 and cfg.preserve != "ce" and all(floating):
-            self.teacher = copy.deepcopy(self.model)
-            self.teacher.requires_grad_(False)
-            self.teacher_adapter = for_model(self.teacher)
-        else:
-            self.config = cfg = replace(cfg, mixup=0.0)  # token ids (or hard labels): nothing to mix
-        self._mix_generator = torch.Generator().manual_seed(cfg.seed + 1)
-
-    def _split_reference(self, n_total: int) -> None:
-        """A precomputed reference tensor aligned with ``data``, cut like the data into training and held-out rows."""
-        target = self.target
-        if not isinstance(target, PairTarget) or target.reference is None or isinstance(target.reference, tuple):
-            return
-        rows = target.reference
-        if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.shape[0] != n_total:
-            raise InputShapeError(
-                f"the reference representation has shape {tuple(getattr(rows, 'shape', ()))}; give a float (n, d) "
-                f"tensor with one row per sample of data ({n_total}) in data order."
-            )
-        if target.eval_reference is not None:
-            raise RepsimError("eval_reference= goes with eval_data=; without eval_data the reference is cut like data.")
-        assert self.held_out_index is not None
-        mask = torch.zeros(n_total, dtype=torch.bool)
-        mask[self.held_out_index] = True
-        target.reference, target.eval_reference = rows[~mask.to(rows.device)], rows[mask.to(rows.device)]
-
-    def _receive(self, batch: dict[str, torch.Tensor]) -> None:
-        self._sink["rows"] = batch
-
-    def _forward(self, inputs: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The target's layer rows (from the capture) and the preserved output of one forward pass."""
-        raw = self.adapter.forward(inputs)
-        out = preserved_output(self.adapter, raw, inputs, self.config.output, self.config.preserve)
-        return self.target.select(self._sink.pop("rows")), out
-
-    @torch.no_grad()
-    def _evaluate_pass(self, which: list[Chunk]) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:
-        """Rows and outputs (CPU, float32) of every chunk, in eval mode."""
-        rows_out, outs = [], []
-        with train_flags_kept(self.student):
-            for chunk in which:
-                parts: dict[str, list[torch.Tensor]] = {}
-                out_parts = []
-                for index in chunk.pieces(self.config.eval_batch):
-                    rows, out = self._forward(to_device(take(chunk.inputs, index), self.device))
-                    for name, r in rows.items():
-                        parts.setdefault(name, []).append(r.detach().float().cpu())
-                    out_parts.append(out.detach().float().cpu())
-                rows_out.append({name: torch.cat(r) for name, r in parts.items()})
-                outs.append(torch.cat(out_parts))
-        return rows_out, outs
-
-    def _summarize(self, rows: list[dict[str, torch.Tensor]], outs: list[torch.Tensor]) -> Evaluation:
-        checks = OutputChecks.compare(torch.cat(outs), self.teacher_eval, self.eval_labels, self.classify)
-        return self.target.evaluate(rows, self.quiet, checks)
-
-    def _precompute(self) -> Evaluation:
-        """The original's outputs (the teacher) and reference rows, the criterion, and the evaluation before."""
-        cfg = self.config
-        train_rows, train_out = self._evaluate_pass(self.chunks)
-        for chunk, teacher in zip(self.chunks, train_out, strict=True):
-            chunk.teacher = teacher
-        eval_rows, eval_out = self._evaluate_pass(self.eval_chunks) if self.held_out else (train_rows, train_out)
-        self.target.attach(self.chunks, train_rows, eval_rows)
-        self.teacher_eval = torch.cat(eval_out)
-        self.classify = cfg.preserve in ("kl", "ce")
-        if self.classify and self.teacher_eval.shape[1] < 2:
-            raise RepsimError(f"preserve={cfg.preserve!r} needs class logits (batch, k >= 2); the output has k = 1.")
-        self.criterion = resolve_criterion(cfg.criterion, self.classify, self.eval_labels is not None)
-        return self._summarize(eval_rows, eval_out)
-
-    # --- the optimisation ---------------------------------------------------------------------------------
-
-    def _trainable(self) -> list[nn.Parameter]:
-        """What is optimised: the copy's trainable weights, or a fresh perturbation of the layer's output."""
-        cfg = self.config
-        if cfg.mode == "perturbation":
-            assert isinstance(self.target, PairTarget)  # make_target allows perturbation with one layer only
-            for p in self.student.parameters():
-                p.requires_grad_(False)
-            sample = sample_inputs(self.chunks[0])
-            self.perturbation, self._handle, self.layout = attach_perturbation(
-                self.student, self.adapter, self.target.layer, sample, cfg.rank, cfg.seed
-            )
-            self._sink.pop("rows", None)
-            return list(self.perturbation.parameters())
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        if not params:
-            raise RepsimError("the model has no trainable parameters (requires_grad=False everywhere).")
-        return params
-
-    def _eval_every(self) -> int:
-        cfg = self.config
-        if cfg.eval_every is not None:
-            return cfg.eval_every
-        per_epoch = sum(max(1, -(-c.n // cfg.batch_size)) for c in self.chunks)
-        return max(1, min(per_epoch, -(-self.steps // EVALUATIONS)))
-
-    def _step(
-        self, step: int, batch: tuple[Chunk, torch.Tensor], lam: float, optimizer: Any, scheduler: Any
-    ) -> dict[str, float]:
-        """One optimisation step on one minibatch; returns its losses and the minibatch value of the measure."""
-        cfg = self.config
-        chunk, index = batch
-        rows, out = self._forward(to_device(take(chunk.inputs, index), self.device))
-        if not all(bool(torch.isfinite(r).all()) for r in (*rows.values(), out)):
-            raise DegenerateInputError(
-                f"training diverged at step {step}: the layer's activations or the outputs are not finite; "
-                "lower lr= or lambda_init=."
-            )
-        similarity, estimate = self.target.loss(self.estimate, rows, chunk, index)
-        assert chunk.teacher is not None
-        teacher = chunk.teacher[index].to(out.device)
-        lab = chunk.labels[index].to(out.device) if chunk.labels is not None else None
-        keep_loss = preservation_loss(cfg.preserve, out.float(), teacher.float(), lab, cfg.temperature)
-        mixed = self._mixup_loss(chunk, index)
-        if mixed is not None:
-            keep_loss = keep_loss + cfg.mixup * mixed
-        loss = keep_loss + lam * similarity.to(keep_loss.dtype)
-        if not bool(torch.isfinite(loss)):
-            raise DegenerateInputError(
-                f"training diverged at step {step}: the objective is {float(loss)}; lower lr= or "
-                "lambda_init=, or check that the layer's representation varies across the minibatch."
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self._params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        return {
-            "preservation_loss": float(keep_loss.detach()),
-            "similarity_loss": float(similarity.detach()),
-            self.target.minibatch_key: estimate,
-        }
-
-    def _mixup_loss(self, chunk: Chunk, index: torch.Tensor) -> torch.Tensor | None:
-        """Preservation on mixed inputs ``a x_i + (1 - a) x_j`` (a uniform per sample), against the original's outputs.
-
-        The original is only known on the training samples; distilling on mixtures of them as well keeps the
-        function between those samples, which is what held-out agreement needs. Float tensor inputs only (not
-        token ids); with ``preserve="ce"`` (hard labels) it does not apply."""
-        cfg = self.config
-        inputs = chunk.inputs
-        if cfg.mixup == 0 or cfg.preserve == "ce" or not isinstance(inputs, torch.Tensor):
-            return None
-        if not inputs.is_floating_point():
-            return None
-        x = to_device(take(inputs, index), self.device)
-        a = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=self._mix_generator).to(x)
-        partner = torch.randperm(x.shape[0], generator=self._mix_generator).to(x.device)
-        mixed = a * x + (1 - a) * x[partner]
-        with torch.no_grad(), train_flags_kept(self.teacher):
-            self.teacher.eval()
-            raw = self.teacher_adapter.forward(mixed)
-            teacher = preserved_output(self.teacher_adapter, raw, mixed, cfg.output, cfg.preserve)
-        raw = self.adapter.forward(mixed)
-        self._sink.pop("rows", None)  # the captured layer rows of the mixed inputs are not used
-        out = preserved_output(self.adapter, raw, mixed, cfg.output, cfg.preserve)
-        return preservation_loss(cfg.preserve, out.float(), teacher.float(), None, cfg.temperature)
-
-    def _evaluate(self, step: int) -> Evaluation:
-        rows, outs = self._evaluate_pass(self.eval_chunks)
-        finite = [bool(torch.isfinite(t).all()) for r in rows for t in r.values()]
-        if not all(finite) or not all(bool(torch.isfinite(o).all()) for o in outs):
-            raise DegenerateInputError(
-                f"training diverged at step {step}: the evaluation gives non-finite activations or "
-                "outputs; lower lr= or lambda_init=."
-            )
-        return self._summarize(rows, outs)
-
-    def _optimise(self, before: Evaluation) -> tuple[int, Evaluation]:
-        """The training loop with its evaluations; returns the step and evaluation of the state kept."""
-        cfg = self.config
-        self.history = History(self.target)
-        lam = LambdaSchedule(cfg.lambda_init)
-        fidelity = Fidelity(self.criterion, cfg.tolerance, before.outputs)
-        self.history.record(0, before, lam.value, True, {})
-        band = STOP_FRACTION * cfg.target_tolerance
-        source = self.perturbation if self.perturbation is not None else self.student
-        best = BestState(source, self.target.distance(before), before, band)
-        polish_until: int | None = None
-        self.closest = (self.target.distance(before), 0, before)  # closest evaluated state, outputs kept or not
-        self.lr = cfg.lr if cfg.lr is not None else auto_lr(sum(p.numel() for p in self._params))
-        optimizer = torch.optim.AdamW(self._params, lr=self.lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(self.steps, cfg.warmup))
-        every = self._eval_every()
-        batches = minibatches(self.chunks, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
-        self.student.train(cfg.train_mode)
-        losses, last = LossMeans(), before
-        self.stopped_at: int | None = None
-        step = 0
-        bar = ProgressBar(cfg.progress, self.steps, self.target, self.criterion)
-        try:
-            for step in range(1, self.steps + 1):
-                values = self._step(step, next(batches), lam.value, optimizer, scheduler)
-                losses.add(values)
-                bar.step(values, lam.value)
-                if not (step % every == 0 or step == self.steps):
-                    continue
-                last = self._evaluate(step)
-                kept = fidelity.kept(last)
-                means = losses.means()
-                self.history.record(step, last, lam.value, kept, {**means, "lr": float(scheduler.get_last_lr()[0])})
-                bar.evaluation(last, kept)
-                losses = LossMeans()
-                lam.update(kept)
-                distance = self.target.distance(last)
-                if distance < self.closest[0]:
-                    self.closest = (distance, step, last)
-                if kept:
-                    best.offer(step, last, distance, fidelity.score(last))
-                    if cfg.stop_when_reached and distance <= band and polish_until is None:
-                        polish_until = step + max(POLISH_EVALUATIONS * every, round(POLISH_FRACTION * self.steps))
-                if polish_until is not None and step >= polish_until:
-                    self.stopped_at = step
-                    break
-        finally:
-            bar.close()
-        final_step, final = best.restore() if cfg.keep == "best" else (step, last)
-        self.lambda_final, self.final_kept = lam.value, fidelity.kept(final)
-        return final_step, final
-
-    # --- the whole run ------------------------------------------------------------------------------------
-
-    def _cuda_devices(self) -> list[int]:
-        if self.device is not None and self.device.type == "cuda":
-            return [self.device.index if self.device.index is not None else torch.cuda.current_device()]
-        return []
-
-    def run(self, data: Any, *, labels: Any = None, eval_data: Any = None, eval_labels: Any = None) -> ShiftResult:
-        """Load the data, record the original's outputs, optimise, and return the result (hooks removed)."""
-        cfg = self.config
-        self._load(data, labels, eval_data, eval_labels)
-        self.student.eval()
-        rec = capture(
-            self.student, self.target.layers, tokens=cfg.tokens, spatial=cfg.spatial, grad=True, keep=False,
-            on_batch=self._receive, eval_mode=False,
-        )  # fmt: skip
-        with torch.random.fork_rng(devices=self._cuda_devices()), rec:
-            torch.manual_seed(cfg.seed)
-            before = self._precompute()
-            try:
-                self._params = self._trainable()
-                final_step, final = self._optimise(before)
-            finally:
-                if self._handle is not None:
-                    self._handle.remove()
-        self._restore_flags()
-        return self._result(before, final, final_step)
-
-    def _restore_flags(self) -> None:
-        """The copy's train / eval and requires_grad flags back to the original's; the perturbation frozen."""
-        self._flags.restore()
-        for p, requires in self._requires:
-            p.requires_grad_(requires)
-        if self.perturbation is not None:
-            self.perturbation.requires_grad_(False)
-
-    def _result(self, before: Evaluation, final: Evaluation, final_step: int) -> ShiftResult:
-        cfg, o = self.config, final.outputs
-        fingerprints = {
-            "original": state_dict_fingerprint(self.model),
-            "returned": state_dict_fingerprint(self.student),
-        }
-        return ShiftResult(
-            measure=self.measure.id, mode=cfg.mode, preserve=cfg.preserve, criterion=self.criterion,
-            tolerance=cfg.tolerance, model=self.student, agreement=o.agreement, kl=o.kl, cosine=o.cosine,
-            cosine_min=o.cosine_min, accuracy_before=before.outputs.accuracy, accuracy_after=o.accuracy,
-            kept=self.final_kept, best_step=final_step, steps=self.steps, lambda_final=self.lambda_final,
-            history=list(self.history), perturbation=self.perturbation, objective=self.estimate.description,
-            n_train=self.n_train, n_eval=self.n_eval, held_out=self.held_out, seed=cfg.seed,
-            fingerprints=fingerprints, layout=self.layout, target_tolerance=cfg.target_tolerance,
-            reached=self.target.distance(final) <= cfg.target_tolerance + 1e-12, evaluated_on=self.evaluated_on,
-            held_out_indices=None if self.held_out_index is None else self.held_out_index.tolist(),
-            stopped_at=self.stopped_at, steps_run=self.history[-1]["step"] if self.history else 0,
-            minibatch_estimate=self._minibatch_estimate(final_step), mixup=cfg.mixup, lr=self.lr,
-            closest={"distance": self.closest[0], "step": self.closest[1], **_checks(self.closest[2])},
-            **self.target.result_fields(before, final),
-        )  # fmt: skip
-
-    def _minibatch_estimate(self, step: int) -> float | None:
-        """The optimiser's own estimate (mean minibatch value since the previous evaluation) at ``step``."""
-        key = self.target.minibatch_key
-        for entry in self.history:
-            if entry["step"] == step:
-                return entry.get(key)
-        return None
-
-
-def _checks(e: Evaluation) -> dict[str, Any]:
-    o = e.outputs
-    return {"value": e.value, "agreement": o.agreement, "accuracy": o.accuracy, "cosine": o.cosine}
-
-
-def not_reached_message(result: ShiftResult) -> str:
-    """What :class:`TargetNotReachedWarning` says: how close the run got with outputs kept, and what to try."""
-    where = f"{result.n_eval} {'held-out' if result.held_out else 'training'} samples"
-    if result.map_layers is not None:
-        got = f"map error {result.map_error_after:.3f}"
-        goal = f"map error <= {result.target_tolerance:g}"
-    else:
-        got = f"{result.measure} {result.measure_after:.3f}"
-        goal = f"{result.target:g} +- {result.target_tolerance:g}"
-    closest = result.closest
-    closer = ""
-    if closest and closest.get("step") not in (None, result.best_step):
-        shown = closest["value"] if closest.get("value") is not None else closest["distance"]
-        check = closest.get("agreement") if closest.get("agreement") is not None else closest.get("cosine")
-        closer = (
-            f" The closest state overall ({shown:.3f} at step {closest['step']}) lost the outputs "
-            f"({'agreement' if closest.get('agreement') is not None else 'cosine'} {check:.3f})."
-        )
-    return (
-        f"shift did not reach the target: with the outputs kept ({result.criterion} within {result.tolerance:g}) the "
-        f"best state (step {result.best_step} of {result.steps_run}) has {got} on {where}; the target is {goal}."
-        f"{closer} Try more steps (steps={max(2 * result.steps, 100)}), a larger target_tolerance=, a larger "
-        "tolerance= on the outputs, or mode='perturbation' (a frozen network with an edit of the layer's output)."
-    )
 
 
 def shift(
@@ -588,7 +90,7 @@ def shift(
     lr: float | None = None,
     batch_size: int = 128,
     temperature: float = 1.0,
-    lambda_init: float = 10.0,
+    lambda_init: float | None = None,
     eval_data: Any = None,
     labels: Any = None,
     seed: int = 0,
@@ -608,7 +110,7 @@ def shift(
     weight_decay: float = 0.01,
     max_grad_norm: float = 1.0,
     train_mode: bool = False,
-    warmup: float = 0.0,
+    warmup: float | None = None,
     holdout: float = 0.2,
     target_tolerance: float = 0.05,
     stop_when_reached: bool = True,
@@ -626,48 +128,22 @@ def shift(
         reference: None (the original model's ``layer``, frozen), ``(other_model, other_layer)``, or a float
             tensor (n, d) of reference rows aligned with ``data`` (then ``eval_reference`` for ``eval_data``).
         measure: any differentiable registered measure; CKA-family measures are optimised through minibatch
-            CKA with the unbiased HSIC, evaluated with the full-data measure.
+            CKA with the unbiased HSIC and evaluated with the full-data measure (debiased linear CKA where the
+            biased one is inflated on so few evaluation samples: ``result.estimator`` says which).
         preserve: ``"kl"`` (distillation at ``temperature``), ``"ce"`` (hard labels), ``"embedding"`` (1 -
             cosine of the outputs; mean-pooled token states for a bare encoder), ``"mse"``.
-        tolerance: outputs count as kept while the criterion stays within this of the original (agreement >=
-            1 - tolerance; accuracy at most ``tolerance`` below the original's: 0.015 is 1.5 points; mean output
-            cosine >= 1 - tolerance).
-        steps: the step budget; None: :data:`AUTO_EPOCHS` passes over the training data, within
-            [:data:`AUTO_STEPS_MIN`, :data:`AUTO_STEPS_MAX`] (see :func:`auto_steps`).
-        lr: AdamW's learning rate; None: by the number of trainable parameters (:func:`auto_lr`: 1e-2 up to 1M,
-            1e-3 up to 10M, else 1e-4).
-        batch_size, temperature, lambda_init: the optimisation (AdamW, cosine schedule, gradient clipping at
-            ``max_grad_norm``; distillation at ``temperature``: 1 keeps held-out predictions better than the
-            paper's 0.1 on digits).
         eval_data: held-out inputs for the evaluations, early stopping, ``keep="best"`` and every reported number.
-            None: ``holdout`` of ``data`` is held out (see ``holdout``).
-        holdout: the fraction of ``data`` held out for evaluation when ``eval_data`` is None, drawn by ``seed``
-            (``result.held_out_indices`` says which samples; several padded batches: whole batches). 0 evaluates
-            on the training data itself (the numbers then say "training samples").
-        target_tolerance: ``result.reached`` is True when the returned state is within this of the target (map
-            targets: mean map error within it); otherwise a :class:`~repsim_plugin.errors.TargetNotReachedWarning`
-            says how close it got with the outputs kept.
-        stop_when_reached: stop at the first evaluation that kept the outputs within half of
-            ``target_tolerance`` of the target.
-        mixup: weight of the distillation on mixed inputs ``a x_i + (1 - a) x_j`` of each minibatch (float
-            tensor inputs; 0 turns it off): it keeps the function between the training samples, which held-out
-            agreement needs.
+            None: ``holdout`` of ``data`` is held out (``result.held_out_indices`` says which samples).
         labels / eval_labels: class labels aligned with ``data`` / ``eval_data`` (or inside their batches).
-        seed: shuffling, perturbation initialisation and dropout; the global random state is left unchanged.
-        mode: ``"finetune"`` or ``"perturbation"`` (frozen network, :class:`LowRankAffine` edit of ``layer``'s
-            output of rank ``rank``, inserted by a forward hook only while it runs).
         target_map / map_layers: a layer x layer target (matrix, number or ``SimilarityMap``; NaN entries are
             free) for the map of ``measure`` between ``map_layers`` of the model being trained.
         progress: a tqdm bar (step; minibatch measure; last evaluation's measure and agreement or cosine;
             lambda); False silences it.
-        eval_every: steps between evaluations (default: one pass over the data, at most ``steps / 30``).
-        criterion: ``"auto"``, ``"accuracy"``, ``"agreement"`` or ``"cosine"`` (see :data:`CRITERIA`).
-        keep: ``"best"`` returns the evaluated state closest to the target among those that kept the outputs
-            (the original counts, at step 0); ``"last"`` the final state.
-        tokens / spatial: how the layer's output becomes rows (as in ``rp.capture``).
-        output: a callable mapping the model's raw output to the (batch, k) tensor to preserve.
-        train_mode: fine-tune in train mode (dropout on, batch-norm statistics updated); by default the copy
-            stays in eval mode so that the outputs preserved are the ones the model gives at inference.
+        **the rest**: the options of :class:`ShiftConfig` (``tolerance``, ``steps``, ``lr``, ``holdout``,
+            ``target_tolerance``, ``stop_when_reached``, ``mixup``, ``mode``, ...), documented there.
+
+    Returns a :class:`ShiftResult`; when ``result.reached`` is False a
+    :class:`~repsim_plugin.errors.TargetNotReachedWarning` says how close the run got with the outputs kept.
     """
     started = time.perf_counter()
     check_one(SHIFT_PARAMS, "model", model)
