@@ -40,6 +40,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "DEFAULT_MEASURES": ("auditing", "DEFAULT_MEASURES"),
     "AuditReport": ("report", "AuditReport"),
     "Change": ("report", "Change"),
+    "plot_map_shift": ("plots", "plot_map_shift"),
 }
 
 

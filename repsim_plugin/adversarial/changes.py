@@ -185,6 +185,12 @@ class FineTuning:
             else f"target NOT reached: {result.measure_after:.3f} against {self.target:g} +- "
             f"{result.target_tolerance:g}"
         )
+        judged = (
+            f" (judged with {result.estimator}: {result.estimator_reason}; {result.measure} itself went "
+            f"{result.as_requested['before']:.3f} -> {result.as_requested['after']:.3f})"
+            if result.estimator_reason and result.as_requested is not None
+            else ""
+        )
         estimate = (
             f"; the optimiser's own estimate ({result.objective}) was {result.minibatch_estimate:.3f}"
             if result.minibatch_estimate is not None
@@ -195,7 +201,7 @@ class FineTuning:
             "finetune",
             f"A fine-tuned for {result.steps_run} of {result.steps} steps toward {self.claim_name} = {self.target:g} "
             f"with B (preservation {result.preserve}); {reached} on {result.n_eval} held-out samples"
-            f"{estimate}; {found}",
+            f"{judged}{estimate}; {found}",
             result.representations["after"],
             kept=result.kept,
             kept_by=f"{kept_label} {check:.1%} on {result.n_eval} held-out samples",
