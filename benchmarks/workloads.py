@@ -268,7 +268,7 @@ def w2(quick: bool, rounds: int, configs: list[str] | None = None) -> dict[str, 
         values = r[0].get("values")
         diff = None
         if values is not None and reference is not None:
-            got, ref = torch.tensor(values), torch.tensor(reference)
+            got, ref = torch.tensor(values, dtype=torch.float64), torch.tensor(reference, dtype=torch.float64)
             diff = float((got - ref).abs().max()) if got.shape == ref.shape else None
             if diff is None:
                 not_run[config] = f"its map has shape {tuple(got.shape)}, not {tuple(ref.shape)} (timed, not compared)"
