@@ -113,7 +113,8 @@ def state_dict_fingerprint(model_or_state_dict: torch.nn.Module | Mapping[str, t
                 raise RepsimError(f"state dict entry {name!r} is on the meta device; load the weights first.")
             t = value.detach().cpu().contiguous()
             h.update(f"|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # the buffer, no copy
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # the buffer, no bytes copy
         else:
             h.update(f"|{value!r}|".encode())
     return "sha256:" + h.hexdigest()

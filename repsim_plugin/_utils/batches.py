@@ -38,7 +38,7 @@ def digest(h: Any, obj: Any) -> None:
     if isinstance(obj, torch.Tensor):
         t = obj.detach().to("cpu").contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no bytes copy
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # the buffer itself, no bytes copy
     elif isinstance(obj, Mapping):
         for key in sorted(obj, key=str):
             h.update(str(key).encode())

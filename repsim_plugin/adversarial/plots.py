@@ -133,6 +133,7 @@ def plot_map_shift(
                 suptitle += f"\nmeasured on {n_eval or ''} samples {where}".replace("  ", " ")
             suptitle += _outputs(result)
     fig.suptitle(suptitle, fontsize=9)
+    assert image is not None  # there is always at least one panel
     bar = fig.colorbar(image, ax=list(axes), shrink=0.9)
     bar.set_label(f"{measure} (higher: more similar)", fontsize=8)
     if path is not None:
