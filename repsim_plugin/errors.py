@@ -92,6 +92,15 @@ class EstimatorChoiceWarning(RepsimWarning):
     """``estimator="auto"`` chose an approximate estimator (minibatch CKA) because the exact one does not fit."""
 
 
+class SeenEvaluationDataWarning(RepsimWarning):
+    """``shift`` judged itself on a part of ``data`` that the original model classifies without a single error.
+
+    Such samples were most likely in the model's training data: there the output checks (agreement, accuracy)
+    stay near perfect while accuracy on inputs the model never saw can fall. Pass ``eval_data=`` / ``eval_labels=``
+    from data the model was not trained on.
+    """
+
+
 class TargetNotReachedWarning(RepsimWarning):
     """``shift`` returned a state whose measure is farther from the target than ``target_tolerance``.
 

@@ -21,7 +21,7 @@ from torch import nn
 import repsim_plugin as rp
 from repsim_plugin.adversarial import shift
 from repsim_plugin.adversarial.changes import Readout, stress_direction
-from repsim_plugin.errors import RepsimError, TargetNotReachedWarning
+from repsim_plugin.errors import RepsimError, SeenEvaluationDataWarning, TargetNotReachedWarning
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::repsim_plugin.errors.SmallSampleBiasWarning"),
@@ -231,3 +231,22 @@ def test_a_cartoon_target_map_of_three_layers_is_reached_and_carries_over_to_inv
     # carry-over: the map moves toward the cartoon on data of another kind as well
     inverted = [float((cka_map(m, 1 - Xte) - cartoon).abs().mean()) for m in (model, result.model)]
     assert inverted[1] <= 0.5 * inverted[0]  # measured 0.260 -> 0.062
+
+
+def test_a_held_out_part_the_model_never_misclassifies_is_flagged_as_probably_seen(mlp):
+    """The MLP was trained on all of Xtr (training accuracy 1.0, measured; 0.975 on the 397 other digits): judging the
+    shift on a part of Xtr cannot see what it costs on new digits, and shift says so; with eval_data it does not."""
+    model, layer, Xtr, ytr, Xte, yte = mlp
+    with torch.no_grad():
+        assert float((model(Xtr).argmax(1) == ytr).double().mean()) == 1.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = shift(model, layer, (Xtr, ytr), target=0.2, steps=3, progress=False)
+    seen = [w for w in caught if w.category is SeenEvaluationDataWarning]
+    assert result.held_out and result.accuracy_before == 1.0 and len(seen) == 1
+    assert f"all {result.n_eval} samples held out" in str(seen[0].message) and "eval_data=" in str(seen[0].message)
+    assert seen[0].filename == __file__  # at the caller's line
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        judged = shift(model, layer, (Xtr, ytr), target=0.2, steps=3, eval_data=Xte, eval_labels=yte, progress=False)
+    assert judged.accuracy_before < 1.0 and not [w for w in caught if w.category is SeenEvaluationDataWarning]

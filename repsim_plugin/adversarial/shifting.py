@@ -38,7 +38,7 @@ from torch import nn
 
 from .._utils.checks import check_one
 from .._utils.warnings import warn
-from ..errors import TargetNotReachedWarning
+from ..errors import SeenEvaluationDataWarning, TargetNotReachedWarning
 from ..measures import Measure
 from ._bookkeeping import LAMBDA_FACTOR
 from ._config import (
@@ -143,7 +143,10 @@ def shift(
             ``target_tolerance``, ``stop_when_reached``, ``mixup``, ``mode``, ...), documented there.
 
     Returns a :class:`ShiftResult`; when ``result.reached`` is False a
-    :class:`~repsim_plugin.errors.TargetNotReachedWarning` says how close the run got with the outputs kept.
+    :class:`~repsim_plugin.errors.TargetNotReachedWarning` says how close the run got with the outputs kept. When
+    the part held out of ``data`` is classified without an error by the original (50 samples or more), a
+    :class:`~repsim_plugin.errors.SeenEvaluationDataWarning` says it was probably training data, on which the output
+    checks cannot see a drop on new inputs.
     """
     started = time.perf_counter()
     check_one(SHIFT_PARAMS, "model", model)
@@ -170,4 +173,19 @@ def shift(
     runner.quiet.reissue()
     if not result.reached:
         warn(not_reached_message(result), TargetNotReachedWarning)
+    if _judged_on_seen_data(result):
+        warn(
+            f"the original model classifies all {result.n_eval} samples held out of data correctly (accuracy "
+            f"1.000): they were probably in its training data, where the output checks (after the shift: agreement "
+            f"{result.agreement:.3f}, accuracy {result.accuracy_after:.3f}) cannot see what the shift costs on inputs "
+            "the model never saw (a digits CNN kept accuracy 1.000 there while its test accuracy fell 0.971 -> "
+            "0.951). Pass eval_data= and eval_labels= from data the model was not trained on.",
+            SeenEvaluationDataWarning,
+        )
     return result
+
+
+def _judged_on_seen_data(result: ShiftResult) -> bool:
+    """Held out of ``data`` (not ``eval_data``), with labels, and not one of at least 50 samples misclassified."""
+    from_data = result.held_out and result.evaluated_on.startswith("held out")
+    return bool(from_data and result.n_eval >= 50 and result.accuracy_before == 1.0 and result.agreement is not None)
