@@ -9,7 +9,7 @@ cancel away the signal.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -27,8 +27,22 @@ def center_columns(X: torch.Tensor) -> torch.Tensor:
 
 
 def center_gram(K: torch.Tensor) -> torch.Tensor:
-    """Double-center a Gram matrix: ``H K H``."""
+    """Double-center a Gram matrix: ``H K H``. Any square ``K`` (its row and column means are taken apart).
+
+    Not ``center_gram_(K.clone())``: that one's symmetric shortcut (one set of means) gives other last bits.
+    """
     return K - K.mean(dim=0, keepdim=True) - K.mean(dim=1, keepdim=True) + K.mean()
+
+
+def center_gram_(K: torch.Tensor) -> torch.Tensor:
+    """Double-center a symmetric Gram in place: ``H K H`` (its row means are its column means).
+
+    For the float64 (n, n) Grams of the streaming stack: no (n, n) temporary, and one (n, n) reduction where
+    :func:`center_gram` makes three (the same subtractions in the same order, from the column means alone).
+    """
+    m = K.mean(dim=0)
+    total = m.mean()
+    return K.sub_(m[None, :]).sub_(m[:, None]).add_(total)
 
 
 # --- mixed precision: float32 products of float64-exact deviations ----------------------------------------------
@@ -65,22 +79,26 @@ def row_squares64(D: torch.Tensor, chunk_bytes: int = 2**23) -> torch.Tensor:
     ``vector_norm(..., dtype=float64)`` upcasts inside its reduction, so a chunk of rows costs one read of
     ``D``; on the whole matrix at once it would materialise the float64 copy (10x slower, measured).
     """
-    n, d = D.shape
-    step = max(1, chunk_bytes // (D.element_size() * max(d, 1)))
-    out = torch.empty(n, dtype=torch.float64, device=D.device)
-    for i in range(0, n, step):
-        torch.linalg.vector_norm(D[i : i + step], dim=1, dtype=torch.float64, out=out[i : i + step])
+    out = torch.empty(D.shape[0], dtype=torch.float64, device=D.device)
+    for rows in _row_chunks(D, chunk_bytes):
+        torch.linalg.vector_norm(D[rows], dim=1, dtype=torch.float64, out=out[rows])
     return out.square_()
 
 
 def col_squares64(D: torch.Tensor, chunk_bytes: int = 2**23) -> torch.Tensor:
     """Exact float64 sums of squares of each column of ``D``, summed over chunks of rows (no float64 copy)."""
+    out = torch.zeros(D.shape[1], dtype=torch.float64, device=D.device)
+    for rows in _row_chunks(D, chunk_bytes):
+        out += torch.linalg.vector_norm(D[rows], dim=0, dtype=torch.float64).square_()
+    return out
+
+
+def _row_chunks(D: torch.Tensor, chunk_bytes: int) -> Iterator[slice]:
+    """Slices of consecutive rows of ``D``, about ``chunk_bytes`` of it each (at least one row), in order."""
     n, d = D.shape
     step = max(1, chunk_bytes // (D.element_size() * max(d, 1)))
-    out = torch.zeros(d, dtype=torch.float64, device=D.device)
     for i in range(0, n, step):
-        out += torch.linalg.vector_norm(D[i : i + step], dim=0, dtype=torch.float64).square_()
-    return out
+        yield slice(i, i + step)
 
 
 def _mirror_block_row(G: torch.Tensor, i: int, j: int) -> None:
@@ -108,13 +126,6 @@ def deviation_gram64(D: torch.Tensor, out: torch.Tensor | None = None, block: in
         _mirror_block_row(G, i, j)
     G.diagonal().copy_(row_squares64(D))
     return G
-
-
-def center_gram_(K: torch.Tensor) -> torch.Tensor:
-    """Double-center a symmetric Gram in place: ``H K H`` (its row means are its column means)."""
-    m = K.mean(dim=0)
-    total = m.mean()
-    return K.sub_(m[None, :]).sub_(m[:, None]).add_(total)
 
 
 def squared_norm_fixed(
