@@ -14,7 +14,7 @@ from torch import nn
 from ..errors import RepsimError
 from .perturbation import perturbation_hook
 
-__all__ = ["ShiftResult", "map_error", "not_reached_message"]
+__all__ = ["ShiftResult", "judged_on_seen_data", "map_error", "not_reached_message", "seen_data_message"]
 
 
 @dataclass(eq=False)
@@ -240,4 +240,21 @@ def not_reached_message(result: ShiftResult) -> str:
         f"best state (step {result.best_step} of {result.steps_run}) has {got} on {where}; the target is {goal}."
         f"{closer} Try more steps (steps={max(2 * result.steps, 100)}), a larger target_tolerance=, a larger "
         "tolerance= on the outputs, or mode='perturbation' (a frozen network with an edit of the layer's output)."
+    )
+
+
+def judged_on_seen_data(result: ShiftResult) -> bool:
+    """Held out of ``data`` (not ``eval_data``), with labels, and not one of at least 50 samples misclassified."""
+    from_data = result.held_out and result.evaluated_on.startswith("held out")
+    return bool(from_data and result.n_eval >= 50 and result.accuracy_before == 1.0 and result.agreement is not None)
+
+
+def seen_data_message(result: ShiftResult) -> str:
+    """What :class:`SeenEvaluationDataWarning` says (when :func:`judged_on_seen_data`): why, and what to pass."""
+    return (
+        f"the original model classifies all {result.n_eval} samples held out of data correctly (accuracy "
+        f"1.000): they were probably in its training data, where the output checks (after the shift: agreement "
+        f"{result.agreement:.3f}, accuracy {result.accuracy_after:.3f}) cannot see what the shift costs on inputs "
+        "the model never saw (a digits CNN kept accuracy 1.000 there while its test accuracy fell 0.971 -> "
+        "0.951). Pass eval_data= and eval_labels= from data the model was not trained on."
     )

@@ -55,7 +55,7 @@ from ._config import (
 )
 from ._runner import Shifter, not_reached_message
 from .objective import differentiable_measure
-from .result import ShiftResult
+from .result import ShiftResult, judged_on_seen_data, seen_data_message
 from .targets import MapTarget, make_target
 
 __all__ = [
@@ -173,19 +173,6 @@ def shift(
     runner.quiet.reissue()
     if not result.reached:
         warn(not_reached_message(result), TargetNotReachedWarning)
-    if _judged_on_seen_data(result):
-        warn(
-            f"the original model classifies all {result.n_eval} samples held out of data correctly (accuracy "
-            f"1.000): they were probably in its training data, where the output checks (after the shift: agreement "
-            f"{result.agreement:.3f}, accuracy {result.accuracy_after:.3f}) cannot see what the shift costs on inputs "
-            "the model never saw (a digits CNN kept accuracy 1.000 there while its test accuracy fell 0.971 -> "
-            "0.951). Pass eval_data= and eval_labels= from data the model was not trained on.",
-            SeenEvaluationDataWarning,
-        )
+    if judged_on_seen_data(result):
+        warn(seen_data_message(result), SeenEvaluationDataWarning)
     return result
-
-
-def _judged_on_seen_data(result: ShiftResult) -> bool:
-    """Held out of ``data`` (not ``eval_data``), with labels, and not one of at least 50 samples misclassified."""
-    from_data = result.held_out and result.evaluated_on.startswith("held out")
-    return bool(from_data and result.n_eval >= 50 and result.accuracy_before == 1.0 and result.agreement is not None)
