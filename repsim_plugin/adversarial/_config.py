@@ -168,9 +168,10 @@ class ShiftConfig:
             targets: mean map error within it).
         stop_when_reached: stop soon after the first evaluation that kept the outputs within half of
             ``target_tolerance`` of the target (a few more evaluations may only repair the outputs).
-        mixup: weight of the distillation on mixed inputs ``a x_i + (1 - a) x_j`` of each minibatch (float
-            tensor inputs; 0 turns it off): it keeps the function between the training samples, which held-out
-            agreement needs.
+        mixup: weight of the distillation on mixed inputs of each minibatch (0 turns it off): ``a x_i + (1 - a)
+            x_j`` for float tensors, token mixup for padded text (each inner token of sentence i kept with
+            probability a, else sentence j's token at that position). It keeps the function between the training
+            samples, which held-out agreement (or held-out embedding cosine) needs.
         seed: shuffling, the held-out part, perturbation initialisation and dropout; the global random state is
             left unchanged.
         eval_every: steps between evaluations (default: one pass over the data, at most ``steps / 30``).

@@ -26,9 +26,11 @@ __all__ = [
     "all_labels",
     "as_chunks",
     "capture_rows",
+    "has_token_ids",
     "hold_out",
     "merge_rows",
     "minibatches",
+    "mix_tokens",
     "sample_inputs",
     "single_layer_rows",
     "split_like",
@@ -239,6 +241,40 @@ def minibatches(
             plan.extend((chunk, piece) for piece in torch.tensor_split(order, pieces))
         for i in torch.randperm(len(plan), generator=generator).tolist():
             yield plan[i]
+
+
+def has_token_ids(inputs: Any) -> bool:
+    """Whether ``inputs`` are padded text: a mapping with integer (batch, tokens) ``input_ids`` and a mask alike."""
+    if not isinstance(inputs, Mapping):
+        return False
+    ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
+    if not isinstance(ids, torch.Tensor) or not isinstance(mask, torch.Tensor) or ids.is_floating_point():
+        return False
+    return ids.dim() == 2 and mask.shape == ids.shape and ids.shape[0] >= 2
+
+
+def mix_tokens(inputs: Any, generator: torch.Generator) -> dict[str, torch.Tensor] | None:
+    """Token mixup of a padded text minibatch: each inner token of sentence i is kept with probability a_i (uniform
+    per sentence), else replaced by the token at the same position of a partner sentence j (a permutation).
+
+    The analogue of ``a x_i + (1 - a) x_j`` for token ids: new sentences made of the minibatch's own tokens, on which
+    the original's outputs are not known beforehand. Only inner positions of both sentences are swapped (the first
+    and last attended token, [CLS] and [SEP] for BERT, stay), so lengths and masks are unchanged. None when the
+    inputs are not a mapping with integer ``input_ids`` and an ``attention_mask`` of the same shape.
+    """
+    if not has_token_ids(inputs):
+        return None
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    attended = mask != 0
+    lengths = attended.sum(1, keepdim=True)
+    positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+    inner = attended & (positions >= 1) & (positions < lengths - 1)
+    a = torch.rand((ids.shape[0], 1), generator=generator).to(ids.device)
+    partner = torch.randperm(ids.shape[0], generator=generator).to(ids.device)
+    swap = inner & inner[partner] & (torch.rand(ids.shape, generator=generator).to(ids.device) >= a)
+    mixed = dict(inputs)
+    mixed["input_ids"] = torch.where(swap, ids[partner], ids)
+    return mixed
 
 
 # --- captured rows ----------------------------------------------------------------------------------------------

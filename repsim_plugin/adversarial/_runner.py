@@ -39,7 +39,17 @@ from ._config import (
     auto_steps,
     auto_warmup,
 )
-from ._data import MIN_BATCH, Chunk, all_labels, as_chunks, hold_out, minibatches, sample_inputs
+from ._data import (
+    MIN_BATCH,
+    Chunk,
+    all_labels,
+    as_chunks,
+    has_token_ids,
+    hold_out,
+    minibatches,
+    mix_tokens,
+    sample_inputs,
+)
 from .objective import (
     TOKEN_STATES_MAX,
     MinibatchMeasure,
@@ -109,13 +119,13 @@ class Shifter:
             raise RepsimError("preserve='ce' trains on hard labels: pass labels= (or (inputs, labels) batches).")
         self.eval_labels = all_labels(self.eval_chunks)
         self.steps = cfg.steps if cfg.steps is not None else auto_steps(self.n_train, cfg.batch_size)
-        floating = [isinstance(c.inputs, torch.Tensor) and c.inputs.is_floating_point() for c in self.chunks]
-        if cfg.mixup > 0 and cfg.preserve != "ce" and all(floating):
+        mixable = [_mixable(c.inputs) for c in self.chunks]
+        if cfg.mixup > 0 and cfg.preserve != "ce" and all(mixable):
             self.teacher = copy.deepcopy(self.model)
             self.teacher.requires_grad_(False)
             self.teacher_adapter = for_model(self.teacher)
         else:
-            self.config = cfg = replace(cfg, mixup=0.0)  # token ids (or hard labels): nothing to mix
+            self.config = cfg = replace(cfg, mixup=0.0)  # hard labels, or inputs neither floats nor token ids
         self._mix_generator = torch.Generator().manual_seed(cfg.seed + 1)
 
     def _split_reference(self, n_total: int) -> None:
@@ -274,29 +284,35 @@ class Shifter:
         }
 
     def _mixup_loss(self, chunk: Chunk, index: torch.Tensor) -> torch.Tensor | None:
-        """Preservation on mixed inputs ``a x_i + (1 - a) x_j`` (a uniform per sample), against the original's outputs.
+        """Preservation on mixed inputs against the original's outputs: ``a x_i + (1 - a) x_j`` (a uniform per
+        sample) for float inputs, token mixup (:func:`._data.mix_tokens`) for padded token ids.
 
         The original is only known on the training samples; distilling on mixtures of them as well keeps the
-        function between those samples, which is what held-out agreement needs. Float tensor inputs only (not
-        token ids); with ``preserve="ce"`` (hard labels) it does not apply."""
+        function between those samples, which is what held-out agreement (or held-out embedding cosine) needs.
+        With ``preserve="ce"`` (hard labels) it does not apply."""
         cfg = self.config
-        inputs = chunk.inputs
-        if cfg.mixup == 0 or cfg.preserve == "ce" or not isinstance(inputs, torch.Tensor):
+        if cfg.mixup == 0 or cfg.preserve == "ce" or not _mixable(chunk.inputs):
             return None
-        if not inputs.is_floating_point():
-            return None
-        x = to_device(take(inputs, index), self.device)
-        a = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=self._mix_generator).to(x)
-        partner = torch.randperm(x.shape[0], generator=self._mix_generator).to(x.device)
-        mixed = a * x + (1 - a) * x[partner]
+        x = to_device(take(chunk.inputs, index), self.device)
+        if isinstance(x, torch.Tensor):
+            a = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=self._mix_generator).to(x)
+            partner = torch.randperm(x.shape[0], generator=self._mix_generator).to(x.device)
+            mixed: Any = a * x + (1 - a) * x[partner]
+        else:
+            mixed = mix_tokens(x, self._mix_generator)
         with torch.no_grad(), train_flags_kept(self.teacher):
             self.teacher.eval()
             raw = self.teacher_adapter.forward(mixed)
             teacher = preserved_output(self.teacher_adapter, raw, mixed, cfg.output, cfg.preserve)
+            teacher_tokens = token_states(self.teacher_adapter, raw, mixed, cfg.preserve, cfg.output)
         raw = self.adapter.forward(mixed)
         self._sink.pop("rows", None)  # the captured layer rows of the mixed inputs are not used
         out = preserved_output(self.adapter, raw, mixed, cfg.output, cfg.preserve)
-        return preservation_loss(cfg.preserve, out.float(), teacher.float(), None, cfg.temperature)
+        loss = preservation_loss(cfg.preserve, out.float(), teacher.float(), None, cfg.temperature)
+        tokens = token_states(self.adapter, raw, mixed, cfg.preserve, cfg.output)
+        if tokens is not None and teacher_tokens is not None:
+            loss = loss + token_loss(tokens, teacher_tokens, self.adapter.attention_mask(mixed))
+        return loss
 
     def _evaluate(self, step: int) -> Evaluation:
         rows, outs = self._evaluate_pass(self.eval_chunks)
@@ -440,6 +456,13 @@ class Shifter:
             if entry["step"] == step:
                 return entry.get(key)
         return None
+
+
+def _mixable(inputs: Any) -> bool:
+    """Whether the mixup distillation applies to these inputs: float tensors, or padded token ids with a mask."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.is_floating_point()
+    return has_token_ids(inputs)
 
 
 def _checks(e: Evaluation) -> dict[str, Any]:
