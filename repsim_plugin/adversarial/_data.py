@@ -30,7 +30,9 @@ __all__ = [
     "hold_out",
     "merge_rows",
     "minibatches",
+    "mix_inputs",
     "mix_tokens",
+    "mixable",
     "sample_inputs",
     "single_layer_rows",
     "split_like",
@@ -275,6 +277,23 @@ def mix_tokens(inputs: Any, generator: torch.Generator) -> dict[str, torch.Tenso
     mixed = dict(inputs)
     mixed["input_ids"] = torch.where(swap, ids[partner], ids)
     return mixed
+
+
+def mixable(inputs: Any) -> bool:
+    """Whether :func:`mix_inputs` applies: float tensors, or padded token ids with a mask."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.is_floating_point()
+    return has_token_ids(inputs)
+
+
+def mix_inputs(inputs: Any, generator: torch.Generator) -> Any | None:
+    """Mixup of one minibatch: ``a x_i + (1 - a) x_j`` (a uniform per sample, j a permutation) for float tensors,
+    :func:`mix_tokens` for padded text; None for inputs that cannot be mixed (see :func:`mixable`)."""
+    if isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
+        a = torch.rand((inputs.shape[0],) + (1,) * (inputs.dim() - 1), generator=generator).to(inputs)
+        partner = torch.randperm(inputs.shape[0], generator=generator).to(inputs.device)
+        return a * inputs + (1 - a) * inputs[partner]
+    return mix_tokens(inputs, generator)
 
 
 # --- captured rows ----------------------------------------------------------------------------------------------

@@ -44,10 +44,10 @@ from ._data import (
     Chunk,
     all_labels,
     as_chunks,
-    has_token_ids,
     hold_out,
     minibatches,
-    mix_tokens,
+    mix_inputs,
+    mixable,
     sample_inputs,
 )
 from .objective import (
@@ -56,9 +56,8 @@ from .objective import (
     OutputChecks,
     QuietMeasure,
     evaluation_measure,
-    preservation_loss,
+    output_loss,
     preserved_output,
-    token_loss,
     token_states,
 )
 from .perturbation import LowRankAffine, attach_perturbation
@@ -119,8 +118,7 @@ class Shifter:
             raise RepsimError("preserve='ce' trains on hard labels: pass labels= (or (inputs, labels) batches).")
         self.eval_labels = all_labels(self.eval_chunks)
         self.steps = cfg.steps if cfg.steps is not None else auto_steps(self.n_train, cfg.batch_size)
-        mixable = [_mixable(c.inputs) for c in self.chunks]
-        if cfg.mixup > 0 and cfg.preserve != "ce" and all(mixable):
+        if cfg.mixup > 0 and cfg.preserve != "ce" and all(mixable(c.inputs) for c in self.chunks):
             self.teacher = copy.deepcopy(self.model)
             self.teacher.requires_grad_(False)
             self.teacher_adapter = for_model(self.teacher)
@@ -257,12 +255,12 @@ class Shifter:
         assert chunk.teacher is not None
         teacher = chunk.teacher[index].to(out.device)
         lab = chunk.labels[index].to(out.device) if chunk.labels is not None else None
-        keep_loss = preservation_loss(cfg.preserve, out.float(), teacher.float(), lab, cfg.temperature)
-        if chunk.teacher_tokens is not None and self._tokens is not None:
-            mask = self.adapter.attention_mask(chunk.inputs)
-            keep_loss = keep_loss + token_loss(
-                self._tokens, chunk.teacher_tokens[index].to(out.device), None if mask is None else mask[index]
-            )
+        teacher_tokens = chunk.teacher_tokens[index].to(out.device) if chunk.teacher_tokens is not None else None
+        mask = self.adapter.attention_mask(chunk.inputs)
+        keep_loss = output_loss(
+            cfg.preserve, out, teacher, lab, cfg.temperature, self._tokens, teacher_tokens,
+            None if mask is None else mask[index],
+        )  # fmt: skip
         mixed = self._mixup_loss(chunk, index)
         if mixed is not None:
             keep_loss = keep_loss + cfg.mixup * mixed
@@ -285,21 +283,15 @@ class Shifter:
 
     def _mixup_loss(self, chunk: Chunk, index: torch.Tensor) -> torch.Tensor | None:
         """Preservation on mixed inputs against the original's outputs: ``a x_i + (1 - a) x_j`` (a uniform per
-        sample) for float inputs, token mixup (:func:`._data.mix_tokens`) for padded token ids.
+        sample) for float inputs, token mixup for padded token ids (:func:`._data.mix_inputs`).
 
         The original is only known on the training samples; distilling on mixtures of them as well keeps the
         function between those samples, which is what held-out agreement (or held-out embedding cosine) needs.
         With ``preserve="ce"`` (hard labels) it does not apply."""
         cfg = self.config
-        if cfg.mixup == 0 or cfg.preserve == "ce" or not _mixable(chunk.inputs):
+        if cfg.mixup == 0 or cfg.preserve == "ce" or not mixable(chunk.inputs):
             return None
-        x = to_device(take(chunk.inputs, index), self.device)
-        if isinstance(x, torch.Tensor):
-            a = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=self._mix_generator).to(x)
-            partner = torch.randperm(x.shape[0], generator=self._mix_generator).to(x.device)
-            mixed: Any = a * x + (1 - a) * x[partner]
-        else:
-            mixed = mix_tokens(x, self._mix_generator)
+        mixed = mix_inputs(to_device(take(chunk.inputs, index), self.device), self._mix_generator)
         with torch.no_grad(), train_flags_kept(self.teacher):
             self.teacher.eval()
             raw = self.teacher_adapter.forward(mixed)
@@ -308,11 +300,9 @@ class Shifter:
         raw = self.adapter.forward(mixed)
         self._sink.pop("rows", None)  # the captured layer rows of the mixed inputs are not used
         out = preserved_output(self.adapter, raw, mixed, cfg.output, cfg.preserve)
-        loss = preservation_loss(cfg.preserve, out.float(), teacher.float(), None, cfg.temperature)
         tokens = token_states(self.adapter, raw, mixed, cfg.preserve, cfg.output)
-        if tokens is not None and teacher_tokens is not None:
-            loss = loss + token_loss(tokens, teacher_tokens, self.adapter.attention_mask(mixed))
-        return loss
+        mask = self.adapter.attention_mask(mixed)
+        return output_loss(cfg.preserve, out, teacher, None, cfg.temperature, tokens, teacher_tokens, mask)
 
     def _evaluate(self, step: int) -> Evaluation:
         rows, outs = self._evaluate_pass(self.eval_chunks)
@@ -456,13 +446,6 @@ class Shifter:
             if entry["step"] == step:
                 return entry.get(key)
         return None
-
-
-def _mixable(inputs: Any) -> bool:
-    """Whether the mixup distillation applies to these inputs: float tensors, or padded token ids with a mask."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs.is_floating_point()
-    return has_token_ids(inputs)
 
 
 def _checks(e: Evaluation) -> dict[str, Any]:

@@ -237,6 +237,24 @@ def preservation_loss(
     return (student - teacher).square().mean() / teacher.square().mean()
 
 
+def output_loss(
+    preserve: str,
+    out: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    temperature: float,
+    tokens: torch.Tensor | None = None,
+    teacher_tokens: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The whole preservation term: :func:`preservation_loss` of the outputs, plus :func:`token_loss` of the
+    token states when both the copy's and the original's are given (a bare encoder under ``preserve="embedding"``)."""
+    loss = preservation_loss(preserve, out.float(), teacher.float(), labels, temperature)
+    if tokens is not None and teacher_tokens is not None:
+        loss = loss + token_loss(tokens, teacher_tokens, mask)
+    return loss
+
+
 #: The most token-state values (floats) kept of the original for the token-level preservation loss.
 TOKEN_STATES_MAX = 64 * 2**20
 
