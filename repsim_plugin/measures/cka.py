@@ -22,12 +22,14 @@ from .kernels import (
     center_columns,
     center_gram,
     cka_from_hsic,
+    cross_product64,
     deviations32,
     expected_null_cka,
     gram_fixed,
     hsic_unbiased,
     linear_hsic_unbiased_features,
     resolve_kernel,
+    self_product64,
     squared_norm_fixed,
     warn_full_rank,
     warn_small_sample_bias,
@@ -88,12 +90,13 @@ def linear_cka(X: torch.Tensor, Y: torch.Tensor, *, debiased: bool = False, spac
 
 
 def linear_cka_mixed(X: torch.Tensor, Y: torch.Tensor, *, debiased: bool = False, space: str = "auto") -> torch.Tensor:
-    """Linear CKA of float32 inputs, float32 products, float64 sums: within a few 1e-8 of :func:`linear_cka`.
+    """Linear CKA of float32 inputs, float32 products, float64 sums: within 1e-8 of :func:`linear_cka`.
 
     Deviations from the column means are formed in float64 and rounded once to float32 (:func:`deviations32`),
-    the three products run in float32 (the cost of the measure, at float32 GEMM speed), and everything built from
-    them (squared norms, the debiased corrections, the ratio) in float64, with the Grams' diagonals exact. Small
-    problems, where float64 costs nothing noticeable, take :func:`linear_cka` in float64.
+    the three products run in float32 (the cost of the measure, at float32 GEMM speed; the two self-products as
+    half GEMMs) with the entries of strongly correlated features made exact (``kernels.refine_correlated``), and
+    everything built from them (squared norms, the debiased corrections, the ratio) in float64, with the Grams'
+    diagonals exact. Small problems, where float64 costs nothing noticeable, take :func:`linear_cka` in float64.
     """
     n, p = X.shape
     q = Y.shape[1]
@@ -107,9 +110,10 @@ def linear_cka_mixed(X: torch.Tensor, Y: torch.Tensor, *, debiased: bool = False
     Dx, rx, cols_x, rows_x = deviations32(X)
     Dy, ry, cols_y, rows_y = deviations32(Y)
     if space == "feature":
-        xy = squared_norm_fixed(Dy.T @ Dx, ry, rx, n)
-        xx = squared_norm_fixed(Dx.T @ Dx, rx, rx, n, cols_x)
-        yy = squared_norm_fixed(Dy.T @ Dy, ry, ry, n, cols_y)
+        sx, sy = cols_x + n * rx.square(), cols_y + n * ry.square()  # the column sums of squares of Dx, Dy
+        xy = squared_norm_fixed(cross_product64(Dy, Dx, sy, sx), ry, rx, n)
+        xx = squared_norm_fixed(self_product64(Dx, sx), rx, rx, n, cols_x)
+        yy = squared_norm_fixed(self_product64(Dy, sy), ry, ry, n, cols_y)
         if debiased:
             xy = _unbiased_features(xy, rows_x, rows_y, n)
             xx = _unbiased_features(xx, rows_x, rows_x, n)
