@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import repsim_plugin as rp
-from repsim_plugin.measures.kernels import MIXED_MIN_FLOPS, cross_product64, self_product64
+from repsim_plugin.measures.mixed import MIXED_MIN_FLOPS, cross_product64, deviation_gram64, self_product64
 
 
 def _pairs(n: int, p: int, q: int, seed: int = 0):
@@ -130,11 +130,9 @@ def test_minibatch_map_of_float32_rows_is_within_3e_8_of_float64_rows():
 
 
 def test_deviation_gram_is_symmetric_with_an_exact_diagonal():
-    from repsim_plugin.measures import kernels
-
     g = torch.Generator().manual_seed(5)
     D = torch.relu(torch.randn(300, 700, generator=g)) - 0.4  # 300 rows: three block rows, the last one partial
-    G = kernels.deviation_gram64(D)
+    G = deviation_gram64(D)
     D64 = D.double()
     ref = D64 @ D64.T
     assert G.dtype == torch.float64 and torch.equal(G, G.T)

@@ -16,24 +16,19 @@ from .kernels import (
     DEFAULT_BANDWIDTH,
     KERNEL_PARAMS,
     KERNELS,
-    MIXED_MIN_FLOPS,
     NULL_BIAS_WARNING,
     SCALE_DEPENDENT_KERNELS,
     center_columns,
     center_gram,
     cka_from_hsic,
-    cross_product64,
-    deviations32,
     expected_null_cka,
-    gram_fixed,
     hsic_unbiased,
     linear_hsic_unbiased_features,
     resolve_kernel,
-    self_product64,
-    squared_norm_fixed,
     warn_full_rank,
     warn_small_sample_bias,
 )
+from .mixed import MIXED_MIN_FLOPS, cross_product64, deviations32, gram_fixed, self_product64, squared_norm_fixed
 from .registry import Estimator, Measure, Spec, register_family
 
 __all__ = [
@@ -94,7 +89,7 @@ def linear_cka_mixed(X: torch.Tensor, Y: torch.Tensor, *, debiased: bool = False
 
     Deviations from the column means are formed in float64 and rounded once to float32 (:func:`deviations32`),
     the three products run in float32 (the cost of the measure, at float32 GEMM speed; the two self-products as
-    half GEMMs) with the entries of strongly correlated features made exact (``kernels.refine_correlated``), and
+    half GEMMs) with the entries of strongly correlated features made exact (``mixed.refine_correlated``), and
     everything built from them (squared norms, the debiased corrections, the ratio) in float64, with the Grams'
     diagonals exact. Small problems, where float64 costs nothing noticeable, take :func:`linear_cka` in float64.
     """

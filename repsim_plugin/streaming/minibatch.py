@@ -18,13 +18,12 @@ from ..errors import RepsimError, TooFewSamplesError
 from ..measures.kernels import (
     KERNEL_PARAMS,
     KERNELS,
-    MIXED_MIN_FLOPS,
     cka_from_hsic,
-    deviation_gram64,
     hsic_unbiased,
     hsic_unbiased_table,
     resolve_kernel,
 )
+from ..measures.mixed import MIXED_MIN_FLOPS, deviation_gram64
 from ._reductions import COUNT, SUM, SUM3
 from ._rows import F64, Acts, check_same_rows, label_a, label_b, label_x, label_y, order_like, ratio_table, self_hsic
 from .base import SAME, Accumulator, MapAccumulator, Maps
@@ -89,7 +88,7 @@ class _Kernel:
 
 
 def _mixed(t: torch.Tensor) -> bool:
-    """Float32 / half rows of a batch large enough for float32 products to pay (see kernels.MIXED_MIN_FLOPS)."""
+    """Float32 / half rows of a batch large enough for float32 products to pay (see mixed.MIXED_MIN_FLOPS)."""
     b, d = t.shape
     return t.dtype in (torch.float32, torch.float16, torch.bfloat16) and b * b * d >= MIXED_MIN_FLOPS
 

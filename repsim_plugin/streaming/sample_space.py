@@ -13,7 +13,8 @@ import torch
 
 from .._utils.checks import Bool, check_params
 from ..errors import DegenerateInputError, TooFewSamplesError
-from ..measures.kernels import MIXED_MIN_FLOPS, center_gram_, deviation_gram64, hsic_unbiased_table
+from ..measures.kernels import center_gram_, hsic_unbiased_table
+from ..measures.mixed import MIXED_MIN_FLOPS, deviation_gram64
 from ._reductions import COUNT, ROWS
 from ._rows import (
     F64,
@@ -157,7 +158,7 @@ class SampleSpaceCKAMap(MapAccumulator):
         """Stacked (L, n, n) float64 Grams of the centred rows of each layer (kept for permutations / bootstrap).
 
         Float32 rows of a large problem (n^2 d >= ``MIXED_MIN_FLOPS``) take one float32 product of deviations
-        formed exactly (as :func:`~repsim_plugin.measures.kernels.gram_fixed`: within a few 1e-8 of float64, half the
+        formed exactly (as :func:`~repsim_plugin.measures.mixed.gram_fixed`: within a few 1e-8 of float64, half the
         multiply-adds of a full GEMM); float64 rows and small problems are centred and multiplied in float64.
         The same rows give the same bits however they were batched, merged or gathered.
         """
