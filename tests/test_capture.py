@@ -776,3 +776,34 @@ def test_adapter_can_be_forced_by_name_class_or_instance() -> None:
     assert isinstance(for_model(model, "generic"), GenericAdapter)
     with pytest.raises(RepsimError, match="another model"):
         for_model(Net(), instance)
+
+
+def test_outputs_written_in_place_later_in_the_forward_are_captured_as_the_module_returned_them() -> None:
+    """torchvision's ResNet runs ReLU(inplace=True) on bn1's output and adds the shortcut into bn2's output in
+    place: the captured rows must be what each module returned, not what the rest of the forward left there."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    layers = ["bn1", "layer1.0.bn2", "layer1.0", "fc"]
+    truth: dict[str, torch.Tensor] = {}
+    handles = [
+        model.get_submodule(name).register_forward_hook(
+            lambda m, i, out, name=name: truth.__setitem__(name, out.detach().clone())
+        )
+        for name in layers
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    assert float(truth["bn1"].min()) < 0  # before the in-place ReLU
+    with rp.capture(model, layers) as rec, torch.no_grad():
+        model(x)
+    for name in layers:
+        assert torch.equal(rec.activations[name], truth[name].flatten(1)), name
+    a = rp.compare(model, None, [x[:3], x[3:]], ["bn1", "layer1.0.bn2"], progress=False)
+    ref = rp.similarity(truth["bn1"].flatten(1), truth["layer1.0.bn2"].flatten(1))
+    assert float(a.values[0, 1]) == pytest.approx(ref, abs=1e-10)

@@ -199,6 +199,37 @@ def test_result_provenance_and_round_trip(cnns, batches, tmp_path):
     assert (tmp_path / "map.png").stat().st_size > 1000 and png is not None
 
 
+class _WritesIntoItsInputs(nn.Module):
+    """A real model that scales its input tensor in place before its layers (some preprocessing modules do)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.mul_(2.0))
+
+
+def test_fingerprints_are_those_of_the_inputs_and_weights_as_given(cnns, batches):
+    """The fingerprints are the sha256 of the weights and of each batch's inputs as the caller passed them, even
+    when a model writes into its inputs in place (each batch is hashed before its forward passes)."""
+    import copy
+    import hashlib
+
+    a, b = cnns
+    writer = _WritesIntoItsInputs(copy.deepcopy(b)).eval()
+    inputs = [x.clone() for x, _ in batches]
+    expected = hashlib.sha256()  # an independent sha256 of the batches, in order: dtype and shape, then the bytes
+    for x in inputs:
+        expected.update(f"{x.dtype}{tuple(x.shape)}".encode())
+        expected.update(x.numpy().tobytes())
+    weights = [rp.results.state_dict_fingerprint(m) for m in (a, writer)]
+    result = rp.compare(a, writer, inputs, ["relu3"], ["net.relu3"], progress=False)
+    assert result.extra["data_fingerprint"] == expected.hexdigest()
+    assert [result.fingerprints["a"], result.fingerprints["b"]] == weights
+    assert torch.equal(inputs[0], 2.0 * batches[0][0])  # the model did write into the batches it was given
+
+
 def test_auto_estimator_choices_and_budget(cnns, batches):
     a, b = cnns
     cka = rp.measures.make("cka")

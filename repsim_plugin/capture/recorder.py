@@ -84,6 +84,11 @@ def _in_backward() -> bool:
         return False
 
 
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when ``a`` is (a view of) ``b``'s memory: an in-place write to ``b`` would change ``a``."""
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 class Recorder:
     """Records layer outputs of ``model`` while active (see :func:`capture` for the arguments).
 
@@ -274,6 +279,10 @@ class Recorder:
             rows = rows.detach()
         if self.device is not None:
             rows = rows.to(self.device)
+        if not self.grad and _shares_memory(rows, tensor):
+            # a view of the module's output: copied now, before the rest of the forward can write into it in place
+            # (torchvision's ResNet runs ReLU(inplace=True) on bn1's output; timm's blocks add the shortcut in place)
+            rows = rows.clone()
         return rows
 
     # -- one completed forward -------------------------------------------------------------------------------

@@ -129,6 +129,10 @@ class Engine:
         if self.plan.declaration.note:
             warn(self.plan.declaration.note, EstimatorChoiceWarning)
         self.accumulators = {pair: self.plan.build(same=pair.same) for pair in self.pairs}
+        if not any(side.recorder.grad for side in self.sides):
+            for acc in self.accumulators.values():  # the recorders' rows are private copies: kept without another
+                if isinstance(getattr(acc, "copy", None), bool):
+                    acc.copy = False
         if self.measure.mixed_fn is None and self.measure.dtype == torch.float64:
             for acc in self.accumulators.values():  # an explicit dtype=torch.float64: no float32 products anywhere
                 acc.full_float64 = True

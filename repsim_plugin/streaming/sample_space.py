@@ -37,7 +37,7 @@ __all__ = ["SAMPLE_SPACE_PARAMS", "SampleSpaceCKAMap"]
 
 #: rows whose mean centres float32 rows before their product (see SampleSpaceCKAMap.grams)
 CENTRE_ROWS = 64
-SAMPLE_SPACE_PARAMS = {"debiased": Bool(), "same": SAME}
+SAMPLE_SPACE_PARAMS = {"debiased": Bool(), "same": SAME, "copy": Bool()}
 
 
 class SampleSpaceCKAMap(MapAccumulator):
@@ -46,7 +46,8 @@ class SampleSpaceCKAMap(MapAccumulator):
     Exact CKA cannot stream in sample space (a Gram needs every row), so this *keeps every layer's rows* in their
     input dtype (float32 stays float32, losslessly) and centers in float64 at ``compute``: memory O(n sum d) for the
     rows plus O(L n^2) float64 for the Grams then. Same interface as :class:`LinearCKAMap`; ``all_reduce``
-    all-gathers the rows (rank order).
+    all-gathers the rows (rank order). Rows are detached and cloned (``copy=False`` keeps the tensors given, for
+    callers that never change them in place: ``compare``'s rows are already private copies).
     """
 
     _kind = "SampleSpaceCKAMap"
@@ -54,10 +55,13 @@ class SampleSpaceCKAMap(MapAccumulator):
     _rows_a: Rows | None
     _rows_b: Rows | None
 
-    def __init__(self, debiased: bool = False, *, same: bool | None = None, process_group: Any = None) -> None:
-        check_params(SAMPLE_SPACE_PARAMS, debiased=debiased, same=same)
+    def __init__(
+        self, debiased: bool = False, *, same: bool | None = None, process_group: Any = None, copy: bool = True
+    ) -> None:
+        check_params(SAMPLE_SPACE_PARAMS, debiased=debiased, same=same, copy=copy)
         super().__init__(same=same, process_group=process_group)
         self.debiased = debiased
+        self.copy = copy
         #: set to keep the (L, n, n) Grams of the last compute() in ``kept_grams`` (not part of the state)
         self.keep_grams = False
         #: set for full float64 Grams of float32 rows too (``make("cka", dtype=torch.float64)`` in compare)
@@ -98,15 +102,15 @@ class SampleSpaceCKAMap(MapAccumulator):
 
     # --- streaming ---
     def update(self, acts_a: Acts, acts_b: Acts | None = None) -> None:
-        """Keep one batch of rows (copies, in their dtype) of every layer."""
+        """Keep one batch of rows (copies unless ``copy=False``, in their dtype) of every layer."""
         A, B, groups = self._validate_update(acts_a, acts_b)
         rows = check_same_rows(groups)
         la, lb = self._layouts(A, B)
         ordered_a = order_like(A, la, "acts_a")  # both sides checked before either keeps a row
         ordered_b = order_like(B, lb, "acts_b") if B is not None and lb is not None else None
-        self._rows_a = keep_rows(self._rows_a, ordered_a, la, copy=True, device=self._device)
+        self._rows_a = keep_rows(self._rows_a, ordered_a, la, copy=self.copy, device=self._device)
         if ordered_b is not None and lb is not None:
-            self._rows_b = keep_rows(self._rows_b, ordered_b, lb, copy=True, device=self._device)
+            self._rows_b = keep_rows(self._rows_b, ordered_b, lb, copy=self.copy, device=self._device)
         self._layout = (la, lb)
         self.n += rows
 
