@@ -131,7 +131,7 @@ def test_minibatch_map_of_float32_rows_is_within_3e_8_of_float64_rows():
 
 def test_deviation_gram_is_symmetric_with_an_exact_diagonal():
     g = torch.Generator().manual_seed(5)
-    D = torch.relu(torch.randn(300, 700, generator=g)) - 0.4  # 300 rows: three block rows, the last one partial
+    D = torch.relu(torch.randn(300, 700, generator=g)) - 0.4  # 300 rows: uneven halves down to blocks of <= 64
     G = deviation_gram64(D)
     D64 = D.double()
     ref = D64 @ D64.T
