@@ -807,3 +807,16 @@ def test_outputs_written_in_place_later_in_the_forward_are_captured_as_the_modul
     a = rp.compare(model, None, [x[:3], x[3:]], ["bn1", "layer1.0.bn2"], progress=False)
     ref = rp.similarity(truth["bn1"].flatten(1), truth["layer1.0.bn2"].flatten(1))
     assert float(a.values[0, 1]) == pytest.approx(ref, abs=1e-10)
+
+
+def test_with_grad_an_output_written_in_place_later_is_reported() -> None:
+    """grad=True keeps the live output (gradients flow to it), so a later in-place write cannot be undone: warned."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(rp.errors.RepsimWarning, match="'bn1' was written in place") as seen:
+        with rp.capture(model, ["bn1", "layer1.0"], grad=True) as rec:
+            model(x)
+    assert not any("layer1.0'" in str(w.message) for w in seen)  # a block's output is not written into
+    assert rec.activations["bn1"].requires_grad

@@ -35,8 +35,9 @@ from repsim_plugin._utils.checks import (
     Table,
     check_params,
 )
+from repsim_plugin._utils.warnings import warn
 from repsim_plugin.adapters import LAYOUTS, Adapter, for_model
-from repsim_plugin.errors import InputShapeError, LayerFiringError, RepsimError, StateError
+from repsim_plugin.errors import InputShapeError, LayerFiringError, RepsimError, RepsimWarning, StateError
 
 from . import _owners
 from .layers import LayerCalls, LayerSpec, resolve_layers
@@ -163,6 +164,8 @@ class Recorder:
         # per-forward state
         self._depth = 0
         self._pending: dict[str, list[torch.Tensor | None]] | None = None
+        #: (module, rows, version) of rows kept as live views of a module's output (grad=True)
+        self._live: list[tuple[str, torch.Tensor, int]] = []
         self._inputs: dict[str, Any] = {}
         self._batch_size: int | None = None
         # across forwards
@@ -205,6 +208,7 @@ class Recorder:
         if self._depth > 1:
             return
         self._pending = {name: [] for name in self.modules}
+        self._live = []
         self._inputs = self._bound_inputs(args, kwargs)
         batch_size = self.adapter.batch_size(self._inputs)
         if batch_size is None:
@@ -228,6 +232,7 @@ class Recorder:
         if self._depth == 0:
             self._pending = None
             self._inputs = {}
+            self._live = []
 
     def _layer_hook(self, module_name: str) -> Callable[[nn.Module, Any, Any], None]:
         wanted = self._calls.requests[module_name]
@@ -279,10 +284,13 @@ class Recorder:
             rows = rows.detach()
         if self.device is not None:
             rows = rows.to(self.device)
-        if not self.grad and _shares_memory(rows, tensor):
+        if _shares_memory(rows, tensor):
             # a view of the module's output: copied now, before the rest of the forward can write into it in place
-            # (torchvision's ResNet runs ReLU(inplace=True) on bn1's output; timm's blocks add the shortcut in place)
-            rows = rows.clone()
+            # (torchvision's ResNet runs ReLU(inplace=True) on bn1's output); with grad the live tensor is kept
+            # (gradients flow to it) and an in-place write is reported at the end of the forward
+            if not self.grad:
+                return rows.clone()
+            self._live.append((module_name, rows, rows._version))
         return rows
 
     # -- one completed forward -------------------------------------------------------------------------------
@@ -305,6 +313,14 @@ class Recorder:
     def _finish_forward(self) -> None:
         pending = self._pending
         assert pending is not None
+        written = sorted({name for name, rows, version in self._live if rows._version != version})
+        if written:
+            warn(
+                f"the output of {', '.join(repr(n) for n in written)} was written in place later in the forward "
+                "(an inplace=True activation or +=), so with grad=True its rows hold the later values: capture the "
+                "module that writes into it, make that module out-of-place, or capture without grad",
+                RepsimWarning,
+            )
         self._calls.check({name: len(calls) for name, calls in pending.items()})
         batch = self._batch_rows(pending)
         if self.on_batch is not None:
