@@ -815,8 +815,8 @@ def test_with_grad_an_output_written_in_place_later_is_reported() -> None:
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    with pytest.warns(rp.errors.RepsimWarning, match="'bn1' was written in place") as seen:
-        with rp.capture(model, ["bn1", "layer1.0"], grad=True) as rec:
-            model(x)
+    warned = pytest.warns(rp.errors.RepsimWarning, match="'bn1' was written in place")
+    with warned as seen, rp.capture(model, ["bn1", "layer1.0"], grad=True) as rec:
+        model(x)
     assert not any("layer1.0'" in str(w.message) for w in seen)  # a block's output is not written into
     assert rec.activations["bn1"].requires_grad
