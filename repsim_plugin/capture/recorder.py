@@ -290,7 +290,8 @@ class Recorder:
             # (gradients flow to it) and an in-place write is reported at the end of the forward
             if not self.grad:
                 return rows.clone()
-            self._live.append((module_name, rows, rows._version))
+            if not rows.is_inference():  # inference tensors have no version counter
+                self._live.append((module_name, rows, rows._version))
         return rows
 
     # -- one completed forward -------------------------------------------------------------------------------

@@ -135,9 +135,9 @@ def cross_product64(Da: torch.Tensor, Db: torch.Tensor, sa: torch.Tensor, sb: to
 
 
 def self_product64(D: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``D^T D`` in float64: half a float32 GEMM without autograd (:func:`symmetric_product64` of ``D^T``, blocks
-    of 256 columns: 0.62x the full product's time at 10^4 x 2048), the entries of strongly correlated features
-    made exact. Its diagonal is left as multiplied: the callers replace it by the exact column sums of squares."""
+    """``D^T D`` in float64: half a float32 GEMM without autograd (:func:`symmetric_product64` of ``D^T``: 0.6x
+    the full product's time at 10^4 x 2048), the entries of strongly correlated features made exact. Its diagonal
+    is left as multiplied: the callers replace it by the exact column sums of squares."""
     if D.requires_grad and torch.is_grad_enabled():
         C = (D.T @ D).to(torch.float64)
     else:
