@@ -77,11 +77,13 @@ class SampleSpaceCKAMap(MapAccumulator):
     # --- memory and planning ---
     @staticmethod
     def memory_bytes(n: int, dims_a: Sequence[int], dims_b: Sequence[int] | None = None, *, itemsize: int = 4) -> int:
-        """Rows kept (``itemsize`` bytes each, 4 for float32) plus what ``compute`` forms: the float64 Grams, one
-        deviation buffer and the largest float32 block of a half-GEMM ((n/2)^2 floats)."""
+        """Rows kept (``itemsize`` bytes each, 4 for float32) plus the float64 Grams formed at ``compute``.
+
+        The float32 deviation buffer is counted at 8 bytes an entry (8 n max(d)): its other half covers the
+        half-GEMM's largest float32 block ((n/2)^2 floats) whenever the widest layer has at least n / 4 features.
+        """
         dims = list(dims_a) + list(dims_b or [])
-        n = int(n)
-        return n * sum(dims) * int(itemsize) + 8 * len(dims) * n**2 + 8 * n * max(dims) + n**2
+        return int(n) * sum(dims) * int(itemsize) + 8 * len(dims) * int(n) ** 2 + 8 * int(n) * max(dims)
 
     @classmethod
     def memory_needed(cls, maps: Maps, *, n: int | None, batch_size: int, itemsize: int, **options: Any) -> int | None:
