@@ -9,7 +9,9 @@ and handed to ``on_batch`` and / or kept for :attr:`Recorder.activations`.
 Guarantees: hooks are removed on exit and on any exception, and only the hooks this recorder registered (other
 code's hooks, such as the ones transformers 5 uses for ``output_hidden_states``, are left alone); every
 module's train / eval flag and the grad mode are restored; forwards run in eval mode under ``no_grad`` unless
-``grad=True``, which keeps the autograd graph through the rows.
+``grad=True``, which keeps the autograd graph through the rows. Rows are what each module returned: a view of a
+module's output is copied in the hook, before the rest of the forward can write into it in place (with
+``grad=True`` the live tensor is kept and such a write is warned about).
 """
 
 from __future__ import annotations
