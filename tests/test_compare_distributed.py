@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from gloo_workers import finish, free_port
 
 LAYERS = ["relu1", "relu2", "fc1", "relu3"]
 ESTIMATORS = [
@@ -58,16 +58,7 @@ def worker(rank: int, out_dir: Path) -> None:
     warnings.simplefilter("ignore")
     dist.init_process_group("gloo", rank=rank, world_size=2)
     shard = batches()[rank::2]  # each rank sees every other batch
-    result = maps(shard)
-    dist.barrier()
-    dist.destroy_process_group()
-    (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    finish(rank, out_dir, maps(shard))
 
 
 @pytest.mark.slow
@@ -75,7 +66,7 @@ def test_two_gloo_processes_give_the_one_process_map(tmp_path):
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
         "GLOO_SOCKET_IFNAME": "lo",
         "OMP_NUM_THREADS": "1",
     }

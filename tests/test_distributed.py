@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from gloo_workers import finish, free_port
 
 N = 203
 SPLIT = 72  # rank 0 gets rows [0, 72), rank 1 rows [72, 203): uneven shards, different local means
@@ -92,10 +92,7 @@ def worker(rank: int, out_dir: Path, mode: str) -> None:
     warnings.simplefilter("ignore", SmallSampleBiasWarning)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     shard = (0, SPLIT) if rank == 0 else (SPLIT, N)
-    out = core_checks(rank, shard) if mode == "core" else torchmetrics_checks(shard)
-    dist.barrier()
-    dist.destroy_process_group()
-    (out_dir / f"rank{rank}.json").write_text(json.dumps(out))
+    finish(rank, out_dir, core_checks(rank, shard) if mode == "core" else torchmetrics_checks(shard))
 
 
 def torchmetrics_checks(shard: tuple[int, int]) -> dict[str, object]:
@@ -184,12 +181,6 @@ def core_checks(rank: int, shard: tuple[int, int]) -> dict[str, object]:
 # --- the test ---------------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _one_process_reference() -> dict[str, object]:
     accs = make_accumulators()
     run_all((0, N), accs)
@@ -201,7 +192,7 @@ def _launch(tmp_path: Path, mode: str) -> list[dict]:
     env = dict(os.environ)
     env.update(
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
+        MASTER_PORT=str(free_port()),
         GLOO_SOCKET_IFNAME="lo",
         OMP_NUM_THREADS="1",
         PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")]),
