@@ -82,16 +82,19 @@ class Fidelity:
         elif self.criterion == "agreement":  # ... and that the model is a classifier
             assert o.agreement is not None
             score, threshold = o.agreement, 1.0 - self.tolerance
+        elif self.criterion == "cosine_min":
+            score, threshold = o.cosine_min, 1.0 - self.tolerance
         else:
             score, threshold = o.cosine, 1.0 - self.tolerance
         return score >= threshold - 1e-12
 
     def score(self, e: Evaluation) -> float:
-        """How close the outputs are to the original's (higher is closer): agreement (+ accuracy), or cosine."""
+        """How close the outputs are to the original's (higher is closer): agreement (+ accuracy), or the (mean or
+        smallest) cosine."""
         o = e.outputs
         if self.criterion in ("agreement", "agreement+accuracy", "accuracy") and o.agreement is not None:
             return o.agreement + (o.accuracy if o.accuracy is not None else 0.0)
-        return o.cosine
+        return o.cosine_min if self.criterion == "cosine_min" else o.cosine
 
 
 class BestState:
@@ -176,6 +179,8 @@ class ProgressBar:
         o = e.outputs
         if o.agreement is not None:
             self.shown["agree"] = f"{o.agreement:.3f}"
+        elif self.criterion == "cosine_min":
+            self.shown["cos min"] = f"{o.cosine_min:.3f}"
         else:
             self.shown["cos"] = f"{o.cosine:.3f}"
         self.shown["kept"] = "yes" if kept else "no"

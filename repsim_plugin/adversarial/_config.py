@@ -45,7 +45,8 @@ __all__ = [
 MODES: tuple[str, ...] = ("finetune", "perturbation")
 #: What "outputs kept" means at an evaluation. ``auto``: for classifiers, top-1 agreement with the original and,
 #: when the evaluation data have labels, accuracy too (both within ``tolerance``); else the mean output cosine.
-CRITERIA: tuple[str, ...] = ("auto", "accuracy", "agreement", "cosine")
+#: ``cosine_min``: the smallest output cosine of the evaluation samples (every sample's output kept, not the mean).
+CRITERIA: tuple[str, ...] = ("auto", "accuracy", "agreement", "cosine", "cosine_min")
 #: ``best``: the evaluated state closest to the target among those that kept the outputs; ``last``: the final one.
 KEEP: tuple[str, ...] = ("best", "last")
 
@@ -135,6 +136,7 @@ SHIFT_PARAMS = {
     "target_tolerance": Float(minimum=0),
     "stop_when_reached": Bool(),
     "mixup": Float(minimum=0),
+    "mixup_similarity": Bool(),
 }
 
 
@@ -148,7 +150,8 @@ class ShiftConfig:
         mode: ``"finetune"`` or ``"perturbation"`` (frozen network, :class:`LowRankAffine` edit of the layer's
             output of rank ``rank``, inserted by a forward hook only while it runs).
         preserve: ``"kl"``, ``"ce"``, ``"embedding"`` or ``"mse"`` (see :data:`PRESERVE`).
-        criterion: ``"auto"``, ``"accuracy"``, ``"agreement"`` or ``"cosine"`` (see :data:`CRITERIA`).
+        criterion: ``"auto"``, ``"accuracy"``, ``"agreement"``, ``"cosine"`` or ``"cosine_min"`` (see
+            :data:`CRITERIA`).
         keep: ``"best"`` returns the evaluated state closest to the target among those that kept the outputs
             (the original counts, at step 0); ``"last"`` the final state.
         tolerance: outputs count as kept while the criterion stays within this of the original (agreement >=
@@ -172,6 +175,10 @@ class ShiftConfig:
             x_j`` for float tensors, token mixup for padded text (each inner token of sentence i kept with
             probability a, else sentence j's token at that position). It keeps the function between the training
             samples, which held-out agreement (or held-out embedding cosine) needs.
+        mixup_similarity: the similarity term sees the mixed inputs too: the minibatch measure runs on the rows
+            of the real and the mixed inputs together (against the original's rows of both, or within the map),
+            so the layer moves on the inputs between the training samples as well, not only on them. For a
+            reference of the original model (``reference=None``) or a ``target_map``; needs ``mixup > 0``.
         seed: shuffling, the held-out part, perturbation initialisation and dropout; the global random state is
             left unchanged.
         eval_every: steps between evaluations (default: one pass over the data, at most ``steps / 30``).
@@ -208,6 +215,7 @@ class ShiftConfig:
     target_tolerance: float = 0.05
     stop_when_reached: bool = True
     mixup: float = 1.0
+    mixup_similarity: bool = False
 
     def __post_init__(self) -> None:
         given = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -5,6 +5,7 @@ missed its target got. :func:`~repsim_plugin.adversarial.shift` (module :mod:`.s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import replace
 from typing import Any
@@ -62,7 +63,7 @@ from .objective import (
 )
 from .perturbation import LowRankAffine, attach_perturbation
 from .result import ShiftResult, not_reached_message
-from .targets import Evaluation, MapTarget, PairTarget
+from .targets import Evaluation, MapTarget, MixedRows, PairTarget
 
 __all__ = ["Shifter", "not_reached_message"]  # not_reached_message: from .result, for the old import path
 
@@ -88,12 +89,14 @@ class Shifter:
         self._params: list[nn.Parameter] = []
         self.quiet = QuietMeasure(measure)
         self._sink: dict[str, dict[str, torch.Tensor]] = {}
+        self._teacher_sink: dict[str, dict[str, torch.Tensor]] = {}
         self._tokens: torch.Tensor | None = None
 
     # --- the data and the original's outputs --------------------------------------------------------------
 
     def _load(self, data: Any, labels: Any, eval_data: Any, eval_labels: Any) -> None:
         cfg = self.config
+        self._check_mixup_similarity()
         self.chunks = as_chunks(data, self.adapter, labels, "data")
         self.held_out_index: torch.Tensor | None = None
         if eval_data is not None:
@@ -122,9 +125,22 @@ class Shifter:
             self.teacher = copy.deepcopy(self.model)
             self.teacher.requires_grad_(False)
             self.teacher_adapter = for_model(self.teacher)
-        else:
-            self.config = cfg = replace(cfg, mixup=0.0)  # hard labels, or inputs neither floats nor token ids
+        else:  # hard labels, or inputs neither floats nor token ids
+            self.config = cfg = replace(cfg, mixup=0.0, mixup_similarity=False)
         self._mix_generator = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def _check_mixup_similarity(self) -> None:
+        """``mixup_similarity`` needs mixed inputs and the reference rows of them: the original's, or none (a map)."""
+        cfg = self.config
+        if not cfg.mixup_similarity:
+            return
+        if cfg.mixup == 0:
+            raise RepsimError("mixup_similarity=True uses the mixed inputs of mixup; give mixup > 0 (e.g. 1.0).")
+        if isinstance(self.target, PairTarget) and self.target.reference is not None:
+            raise RepsimError(
+                "mixup_similarity=True needs the reference rows of the mixed inputs, known for the original model "
+                "(reference=None) or a target_map; with another reference pass mixup_similarity=False."
+            )
 
     def _split_reference(self, n_total: int) -> None:
         """A precomputed reference tensor aligned with ``data``, cut like the data into training and held-out rows."""
@@ -146,6 +162,9 @@ class Shifter:
 
     def _receive(self, batch: dict[str, torch.Tensor]) -> None:
         self._sink["rows"] = batch
+
+    def _receive_teacher(self, batch: dict[str, torch.Tensor]) -> None:
+        self._teacher_sink["rows"] = batch
 
     def _forward(self, inputs: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The target's layer rows (from the capture) and the preserved output of one forward pass."""
@@ -263,7 +282,10 @@ class Shifter:
         )  # fmt: skip
         mixed = self._mixup_loss(chunk, index)
         if mixed is not None:
-            keep_loss = keep_loss + cfg.mixup * mixed
+            mixed_loss, mixed_rows = mixed
+            keep_loss = keep_loss + cfg.mixup * mixed_loss
+            if mixed_rows is not None:
+                similarity, estimate = self.target.loss(self.estimate, rows, chunk, index, mixed_rows)
         loss = keep_loss + lam * similarity.to(keep_loss.dtype)
         if not bool(torch.isfinite(loss)):
             raise DegenerateInputError(
@@ -281,9 +303,10 @@ class Shifter:
             self.target.minibatch_key: estimate,
         }
 
-    def _mixup_loss(self, chunk: Chunk, index: torch.Tensor) -> torch.Tensor | None:
+    def _mixup_loss(self, chunk: Chunk, index: torch.Tensor) -> tuple[torch.Tensor, MixedRows | None] | None:
         """Preservation on mixed inputs against the original's outputs: ``a x_i + (1 - a) x_j`` (a uniform per
-        sample) for float inputs, token mixup for padded token ids (:func:`._data.mix_inputs`).
+        sample) for float inputs, token mixup for padded token ids (:func:`._data.mix_inputs`); with
+        ``mixup_similarity`` also the layer rows of the mixed inputs (the copy's, and the original's as reference).
 
         The original is only known on the training samples; distilling on mixtures of them as well keeps the
         function between those samples, which is what held-out agreement (or held-out embedding cosine) needs.
@@ -297,12 +320,20 @@ class Shifter:
             raw = self.teacher_adapter.forward(mixed)
             teacher = preserved_output(self.teacher_adapter, raw, mixed, cfg.output, cfg.preserve)
             teacher_tokens = token_states(self.teacher_adapter, raw, mixed, cfg.preserve, cfg.output)
+        teacher_rows = self._teacher_sink.pop("rows", None)
         raw = self.adapter.forward(mixed)
-        self._sink.pop("rows", None)  # the captured layer rows of the mixed inputs are not used
+        student_rows = self._sink.pop("rows", None)  # used by the similarity term only with mixup_similarity
         out = preserved_output(self.adapter, raw, mixed, cfg.output, cfg.preserve)
         tokens = token_states(self.adapter, raw, mixed, cfg.preserve, cfg.output)
         mask = self.adapter.attention_mask(mixed)
-        return output_loss(cfg.preserve, out, teacher, None, cfg.temperature, tokens, teacher_tokens, mask)
+        loss = output_loss(cfg.preserve, out, teacher, None, cfg.temperature, tokens, teacher_tokens, mask)
+        if not cfg.mixup_similarity or student_rows is None:
+            return loss, None
+        reference = None
+        if isinstance(self.target, PairTarget):
+            assert teacher_rows is not None  # run() captures the original's layer when mixup_similarity is on
+            reference = self.target.select(teacher_rows)[self.target.layer].detach()
+        return loss, MixedRows(self.target.select(student_rows), reference)
 
     def _evaluate(self, step: int) -> Evaluation:
         rows, outs = self._evaluate_pass(self.eval_chunks)
@@ -386,7 +417,7 @@ class Shifter:
             self.student, self.target.layers, tokens=cfg.tokens, spatial=cfg.spatial, grad=True, keep=False,
             on_batch=self._receive, eval_mode=False,
         )  # fmt: skip
-        with torch.random.fork_rng(devices=self._cuda_devices()), rec:
+        with torch.random.fork_rng(devices=self._cuda_devices()), rec, self._teacher_capture():
             torch.manual_seed(cfg.seed)
             before = self._precompute()
             try:
@@ -397,6 +428,18 @@ class Shifter:
                     self._handle.remove()
         self._restore_flags()
         return self._result(before, final, final_step)
+
+    def _teacher_capture(self) -> Any:
+        """With ``mixup_similarity`` and the original as reference: its layer rows of the mixed inputs, hooked."""
+        cfg = self.config
+        if not (cfg.mixup_similarity and isinstance(self.target, PairTarget)):
+            return contextlib.nullcontext()
+        # grad=True: the capture leaves the grad mode alone (the student trains meanwhile); the teacher's forward
+        # runs under no_grad in _mixup_loss
+        return capture(
+            self.teacher, self.target.layers, tokens=cfg.tokens, spatial=cfg.spatial, grad=True, keep=False,
+            on_batch=self._receive_teacher, eval_mode=False,
+        )  # fmt: skip
 
     def _restore_flags(self) -> None:
         """The copy's train / eval and requires_grad flags back to the original's; the perturbation frozen."""
@@ -423,7 +466,8 @@ class Shifter:
             reached=self.target.distance(final) <= cfg.target_tolerance + 1e-12, evaluated_on=self.evaluated_on,
             held_out_indices=None if self.held_out_index is None else self.held_out_index.tolist(),
             stopped_at=self.stopped_at, steps_run=self.history[-1]["step"] if self.history else 0,
-            minibatch_estimate=self._minibatch_estimate(final_step), mixup=cfg.mixup, lr=self.lr,
+            minibatch_estimate=self._minibatch_estimate(final_step), mixup=cfg.mixup,
+            mixup_similarity=cfg.mixup_similarity, lr=self.lr,
             closest={"distance": self.closest[0], "step": self.closest[1], **_checks(self.closest[2])},
             estimator=self.estimator, estimator_reason=self.estimator_reason,
             as_requested=self._as_requested(before, final),
@@ -450,4 +494,7 @@ class Shifter:
 
 def _checks(e: Evaluation) -> dict[str, Any]:
     o = e.outputs
-    return {"value": e.value, "agreement": o.agreement, "accuracy": o.accuracy, "cosine": o.cosine}
+    return {
+        "value": e.value, "agreement": o.agreement, "accuracy": o.accuracy, "cosine": o.cosine,
+        "cosine_min": o.cosine_min,
+    }  # fmt: skip

@@ -81,6 +81,8 @@ class ShiftResult:
     #: evaluation before): the estimator ``objective`` names, next to ``measure_after`` (the full-data measure).
     minibatch_estimate: float | None = None
     mixup: float = 0.0
+    #: Whether the similarity term also saw the mixed inputs (``mixup_similarity``; False when mixup was off).
+    mixup_similarity: bool = False
     #: The learning rate used (``lr=None`` resolved by the number of trainable parameters).
     lr: float = 0.0
     #: The evaluated state closest to the target whether or not it kept the outputs (distance, step, checks).
@@ -168,6 +170,7 @@ class ShiftResult:
             "estimator_reason": self.estimator_reason,
             "as_requested": None if self.as_requested is None else dict(self.as_requested),
             "mixup": self.mixup,
+            "mixup_similarity": self.mixup_similarity,
             "lr": self.lr,
             "closest": dict(self.closest),
             "seconds": self.seconds,
@@ -230,10 +233,13 @@ def not_reached_message(result: ShiftResult) -> str:
     closer = ""
     if closest and closest.get("step") not in (None, result.best_step):
         shown = closest["value"] if closest.get("value") is not None else closest["distance"]
-        check = closest.get("agreement") if closest.get("agreement") is not None else closest.get("cosine")
+        if result.criterion.startswith("cosine") and closest.get(result.criterion) is not None:
+            name = result.criterion  # what the criterion judged: the mean or the smallest output cosine
+        else:
+            name = "agreement" if closest.get("agreement") is not None else "cosine"
         closer = (
             f" The closest state overall ({shown:.3f} at step {closest['step']}) lost the outputs "
-            f"({'agreement' if closest.get('agreement') is not None else 'cosine'} {check:.3f})."
+            f"({name} {closest[name]:.3f})."
         )
     return (
         f"shift did not reach the target: with the outputs kept ({result.criterion} within {result.tolerance:g}) the "

@@ -115,6 +115,7 @@ def shift(
     target_tolerance: float = 0.05,
     stop_when_reached: bool = True,
     mixup: float = 1.0,
+    mixup_similarity: bool = False,
 ) -> ShiftResult:
     """Fine-tune a copy of ``model`` so that ``measure(layer, reference)`` approaches ``target`` with outputs kept.
 
@@ -140,7 +141,8 @@ def shift(
         progress: a tqdm bar (step; minibatch measure; last evaluation's measure and agreement or cosine;
             lambda); False silences it.
         **the rest**: the options of :class:`ShiftConfig` (``tolerance``, ``steps``, ``lr``, ``holdout``,
-            ``target_tolerance``, ``stop_when_reached``, ``mixup``, ``mode``, ...), documented there.
+            ``target_tolerance``, ``stop_when_reached``, ``mixup``, ``mixup_similarity``, ``mode``, ...),
+            documented there.
 
     Returns a :class:`ShiftResult`; when ``result.reached`` is False a
     :class:`~repsim_plugin.errors.TargetNotReachedWarning` says how close the run got with the outputs kept. When
@@ -156,7 +158,7 @@ def shift(
         max_grad_norm=max_grad_norm, weight_decay=weight_decay, warmup=warmup, seed=seed, rank=rank,
         eval_every=eval_every, tokens=tokens, spatial=spatial, output=output, train_mode=train_mode,
         progress=progress, holdout=holdout, target_tolerance=target_tolerance,
-        stop_when_reached=stop_when_reached, mixup=mixup,
+        stop_when_reached=stop_when_reached, mixup=mixup, mixup_similarity=mixup_similarity,
     )  # fmt: skip
     resolved = differentiable_measure(config.measure)
     goal = make_target(

@@ -23,7 +23,7 @@ from ._data import Chunk, capture_rows, single_layer_rows, split_like
 from .objective import MinibatchMeasure, OutputChecks, log_cosh
 from .result import map_error
 
-__all__ = ["TARGET_PARAMS", "Evaluation", "MapTarget", "PairTarget", "make_target"]
+__all__ = ["TARGET_PARAMS", "Evaluation", "MapTarget", "MixedRows", "PairTarget", "make_target"]
 
 
 def _finite(value: Any) -> bool:
@@ -45,6 +45,15 @@ class Evaluation:
     map: torch.Tensor | None
     rows: torch.Tensor | None
     outputs: OutputChecks
+
+
+@dataclass
+class MixedRows:
+    """The layer rows of one minibatch's mixed inputs (``mixup_similarity``): the copy's, and for a pair target the
+    original's as reference; the similarity loss then runs on the real and the mixed rows together."""
+
+    rows: Rows
+    reference: torch.Tensor | None
 
 
 # --- one value against a reference ------------------------------------------------------------------------------
@@ -143,11 +152,15 @@ class PairTarget:
         return {self.layer: single_layer_rows(rows, self.layer)}
 
     def loss(
-        self, estimate: MinibatchMeasure, rows: Rows, chunk: Chunk, index: torch.Tensor
+        self, estimate: MinibatchMeasure, rows: Rows, chunk: Chunk, index: torch.Tensor, mixed: MixedRows | None = None
     ) -> tuple[torch.Tensor, float]:
-        """The similarity loss on one minibatch and the minibatch value of the measure."""
+        """The similarity loss on one minibatch (with ``mixed``: and its mixed inputs) and the minibatch value."""
         assert chunk.reference is not None
-        value = estimate.pair(rows[self.layer], chunk.reference[index].to(rows[self.layer].device))
+        X, Y = rows[self.layer], chunk.reference[index].to(rows[self.layer].device)
+        if mixed is not None:
+            assert mixed.reference is not None
+            X, Y = torch.cat([X, mixed.rows[self.layer]]), torch.cat([Y, mixed.reference.to(Y)])
+        value = estimate.pair(X, Y)
         return log_cosh(value - self.value), float(value.detach())
 
     def evaluate(self, rows_list: list[Rows], measure: MeasureFn, outputs: OutputChecks) -> Evaluation:
@@ -229,9 +242,12 @@ class MapTarget:
         return by_layer
 
     def loss(
-        self, estimate: MinibatchMeasure, rows: Rows, chunk: Chunk, index: torch.Tensor
+        self, estimate: MinibatchMeasure, rows: Rows, chunk: Chunk, index: torch.Tensor, mixed: MixedRows | None = None
     ) -> tuple[torch.Tensor, float]:
-        """Mean log-cosh over the constrained entries of the minibatch map, and the minibatch map error."""
+        """Mean log-cosh over the constrained entries of the minibatch map (with ``mixed``: on the real and the
+        mixed inputs' rows together), and the minibatch map error."""
+        if mixed is not None:
+            rows = {name: torch.cat([rows[name], mixed.rows[name]]) for name in self.layers}
         M = estimate.map([rows[name] for name in self.layers])
         target_on_device = self.matrix.to(M.device)
         free = torch.isnan(target_on_device)
