@@ -46,3 +46,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """The trained digits CNN (seed 0) and its split ``(model, Xtr, ytr, Xte, yte)``; a module may define its own."""
+    from repsim_plugin.digits import train_digits_cnn
+
+    model, (Xtr, ytr, Xte, yte) = train_digits_cnn(seed=0)
+    return model, Xtr, ytr, Xte, yte

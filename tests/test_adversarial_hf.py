@@ -6,9 +6,12 @@ the textbook Gram-form CKA of ``reference.py``.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
+from minilm_sentences import EXTRA_SENTENCES, content_words
 from reference import cka_numpy
 
 from repsim_plugin.adversarial import audit, shift
@@ -273,21 +276,30 @@ def linear_cka(X: torch.Tensor, Y: torch.Tensor) -> float:
     return cka_numpy(X64 - X64.mean(0), Y64 - Y64.mean(0))
 
 
+#: The recipe that moves MiniLM's block 3 by more than 0.5 with every unseen sentence's embedding kept (issue 13,
+#: point 5): the held-out sentences' *smallest* cosine >= 1 - TOLERANCE, token mixup weighted 6 in the preservation
+#: and in the similarity term, 150 steps; the rest are shift's defaults (lr 1e-4, warm-up, holdout=0.2, estimator).
+MINILM_RECIPE = {
+    "target": 0.3, "preserve": "embedding", "criterion": "cosine_min", "tolerance": 0.02,
+    "mixup": 6.0, "mixup_similarity": True, "steps": 150,
+}  # fmt: skip
+
+
 @pytest.mark.slow
 def test_minilm_block_moves_by_half_while_every_unseen_sentence_keeps_its_embedding(minilm):
     """Issue 13, point 5: MiniLM block 3 moved by at least 0.5 in CKA while every sentence embedding it never saw
-    keeps cosine >= 0.98. shift's defaults (``lr``, ``steps``, warm-up, held-out part, estimator) with a mean-cosine
-    criterion of 0.99 (``tolerance=0.01``) and token mixup weighted 6; 160 sentences, judged by this file's float64
-    debiased CKA and cosines on the 40 sentences it never saw. This holds for seed 0 only: with seed=1 and 2 (other
-    held-out parts and orders) every unseen cosine stays >= 0.986 but CKA moves by 0.37 and 0.46 (120 steps: 0.46
-    and 0.46), so the edge of what 128 training sentences allow sits at this threshold (README, issue 13 note)."""
+    keeps cosine >= 0.98. The 160 given sentences and 118 more (``minilm_sentences.py``, none sharing two content
+    words with an unseen one) under :data:`MINILM_RECIPE`, judged by this file's float64 debiased CKA and cosines
+    on the 40 sentences the run never saw. Seeds 1-4 pass too (README); the margins are thin."""
     model, tokenizer = minilm
-    batch = dict(tokenizer(GIVEN, padding=True, return_tensors="pt"))
-    with pytest.warns(TargetNotReachedWarning) as caught:
-        result = shift(model, BLOCK, batch, target=0.3, preserve="embedding", tolerance=0.01, mixup=6.0)
-    # 32 held-out sentences against a block that spreads over ~19 directions: biased CKA is inflated there, so the
+    batch = dict(tokenizer(GIVEN + EXTRA_SENTENCES, padding=True, return_tensors="pt"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = shift(model, BLOCK, batch, **MINILM_RECIPE)
+    assert result.n_eval == 56 and result.n_train == 222 and result.held_out
+    assert result.mixup == 6.0 and result.mixup_similarity and result.criterion == "cosine_min"
+    # 56 held-out sentences against a block that spreads over ~19 directions: biased CKA is inflated there, so the
     # evaluations use debiased CKA and the result names it, next to the asked-for (biased) value
-    assert result.n_eval == 32 and result.n_train == 128 and result.held_out and result.mixup == 6.0
     assert result.estimator == "cka-kernel=linear-hsic=song-score" and result.estimator_reason.startswith("debiased")
     assert result.as_requested is not None and "debiased" in repr(result) and result.objective in repr(result)
     held = torch.tensor(result.held_out_indices)
@@ -298,19 +310,21 @@ def test_minilm_block_moves_by_half_while_every_unseen_sentence_keeps_its_embedd
     assert linear_cka(pooled(result.model, part, 4), pooled(model, part, 4)) == pytest.approx(
         result.as_requested["after"], abs=1e-4
     )
+    held_cosine = torch.nn.functional.cosine_similarity(pooled(result.model, part, -1), pooled(model, part, -1), dim=1)
+    assert float(held_cosine.min()) == pytest.approx(result.cosine_min, abs=1e-5)
+    assert result.kept and result.cosine_min >= 1 - MINILM_RECIPE["tolerance"] - 1e-9
     unseen = dict(tokenizer(UNSEEN, padding=True, return_tensors="pt"))
     before = debiased_cka64(pooled(model, unseen, 4), pooled(model, unseen, 4))
     after = debiased_cka64(pooled(result.model, unseen, 4), pooled(model, unseen, 4))
     cosine = torch.nn.functional.cosine_similarity(pooled(result.model, unseen, -1), pooled(model, unseen, -1), dim=1)
     assert before == pytest.approx(1.0)
-    assert before - after >= 0.5  # measured 1.00 -> 0.436 on sentences the run never saw
-    assert float(cosine.min()) >= 0.98  # every unseen sentence; measured 0.982 (mean 0.992)
-    assert result.kept and result.cosine >= 0.99 - 1e-9  # measured 0.990 on the held-out part (mean cosine)
-    assert result.lr == 1e-4 and result.steps == 60  # 50 passes, at least 60 steps (above 10M parameters)
+    assert before - after >= 0.5  # measured 1.00 -> 0.300 (seeds 1-4: 0.485, 0.396, 0.330, 0.433)
+    assert float(cosine.min()) >= 0.98  # every unseen sentence; measured 0.9806 (seeds 1-4: 0.989, 0.982, 0.982, 0.992)
+    assert result.lr == 1e-4 and result.steps == 150
     assert result.history[0]["lambda"] == 0.5  # lambda_init=None under preserve="embedding"
-    # held-out debiased CKA 0.431: not within target_tolerance (0.05) of 0.3, and the warning says how close
-    message = next(str(w.message) for w in caught if w.category is TargetNotReachedWarning)
-    assert "did not reach the target" in message and "32 held-out samples" in message
+    not_reached = [str(w.message) for w in caught if w.category is TargetNotReachedWarning]
+    assert bool(not_reached) == (not result.reached)  # reached: within target_tolerance (0.05) of 0.3 held out
+    assert all("56 held-out samples" in m for m in not_reached)
 
 
 @pytest.mark.slow
@@ -345,6 +359,22 @@ def test_shift_moves_a_minilm_block_while_sentence_embeddings_keep_their_directi
     assert float(cosine.mean()) == pytest.approx(result.cosine, abs=1e-5)
     assert float(cosine.min()) >= 0.98  # every sentence; measured min 0.986, mean 0.994
     assert result.kept and result.history[0]["lambda"] == 0.5
+
+
+def test_the_extra_training_sentences_are_new_and_share_no_two_content_words_with_an_unseen_one():
+    assert len(set(EXTRA_SENTENCES)) == len(EXTRA_SENTENCES) == 118
+    assert not set(EXTRA_SENTENCES) & set(SENTENCES + MORE_SENTENCES)
+    assert content_words("The old map showed a road that no longer exists.") == {
+        "map",
+        "showed",
+        "road",
+        "longer",
+        "exists",
+        "old",
+    }
+    for extra in EXTRA_SENTENCES:
+        for unseen in UNSEEN:
+            assert len(content_words(extra) & content_words(unseen)) < 2, (extra, unseen)
 
 
 def test_minilm_without_logits_asks_for_embedding_preservation(minilm):

@@ -47,12 +47,6 @@ PAPER = {"temperature": 0.1, "criterion": "accuracy", "tolerance": 0.01, "lr": 1
 PAPER_RUN = {**PAPER, "stop_when_reached": False}
 
 
-@pytest.fixture(scope="module")
-def digits():
-    model, (Xtr, ytr, Xte, yte) = train_digits_cnn(seed=0)
-    return model, Xtr, ytr, Xte, yte
-
-
 # --- independent references ---------------------------------------------------------------------------------------
 
 

@@ -33,12 +33,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def digits():
-    model, (Xtr, ytr, Xte, yte) = train_digits_cnn(seed=0)
-    return model, Xtr, ytr, Xte, yte
-
-
 def textbook(X: torch.Tensor, Y: torch.Tensor) -> float:
     """Debiased linear CKA in float64: Song et al.'s unbiased HSIC of the linear Grams."""
     x, y = X.double().numpy(), Y.double().numpy()
