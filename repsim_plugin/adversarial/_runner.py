@@ -270,7 +270,6 @@ class Shifter:
                 f"training diverged at step {step}: the layer's activations or the outputs are not finite; "
                 "lower lr= or lambda_init=."
             )
-        similarity, estimate = self.target.loss(self.estimate, rows, chunk, index)
         assert chunk.teacher is not None
         teacher = chunk.teacher[index].to(out.device)
         lab = chunk.labels[index].to(out.device) if chunk.labels is not None else None
@@ -282,10 +281,8 @@ class Shifter:
         )  # fmt: skip
         mixed = self._mixup_loss(chunk, index)
         if mixed is not None:
-            mixed_loss, mixed_rows = mixed
-            keep_loss = keep_loss + cfg.mixup * mixed_loss
-            if mixed_rows is not None:
-                similarity, estimate = self.target.loss(self.estimate, rows, chunk, index, mixed_rows)
+            keep_loss = keep_loss + cfg.mixup * mixed[0]
+        similarity, estimate = self.target.loss(self.estimate, rows, chunk, index, mixed[1] if mixed else None)
         loss = keep_loss + lam * similarity.to(keep_loss.dtype)
         if not bool(torch.isfinite(loss)):
             raise DegenerateInputError(
