@@ -82,11 +82,13 @@ class Fidelity:
         elif self.criterion == "agreement":  # ... and that the model is a classifier
             assert o.agreement is not None
             score, threshold = o.agreement, 1.0 - self.tolerance
-        elif self.criterion == "cosine_min":
-            score, threshold = o.cosine_min, 1.0 - self.tolerance
         else:
-            score, threshold = o.cosine, 1.0 - self.tolerance
+            score, threshold = self._cosine(o), 1.0 - self.tolerance
         return score >= threshold - 1e-12
+
+    def _cosine(self, o: OutputChecks) -> float:
+        """The cosine the criterion judges: the smallest (``cosine_min``) or the mean one."""
+        return o.cosine_min if self.criterion == "cosine_min" else o.cosine
 
     def score(self, e: Evaluation) -> float:
         """How close the outputs are to the original's (higher is closer): agreement (+ accuracy), or the (mean or
@@ -94,7 +96,7 @@ class Fidelity:
         o = e.outputs
         if self.criterion in ("agreement", "agreement+accuracy", "accuracy") and o.agreement is not None:
             return o.agreement + (o.accuracy if o.accuracy is not None else 0.0)
-        return o.cosine_min if self.criterion == "cosine_min" else o.cosine
+        return self._cosine(o)
 
 
 class BestState:
