@@ -20,6 +20,7 @@ from torch import nn
 from .._utils import dist
 from .._utils.batches import check_data
 from .._utils.checks import Bool, Instance, Int, Optional, Where, check_params
+from .._utils.heap import with_retained_heap
 from .._utils.io import load_state_dict
 from ..capture import Recorder
 from ..errors import RepsimError
@@ -150,6 +151,7 @@ def _sides_for(
     return sides, Pair(0, 1)
 
 
+@with_retained_heap
 def compare(
     model_a: nn.Module,
     model_b: nn.Module | None,
@@ -335,6 +337,7 @@ def _checkpoint_pairs(paths: Sequence[Path], names: Sequence[str], reference: in
     return [Pair(ref, k) for k in range(len(paths)) if k != ref]
 
 
+@with_retained_heap
 def compare_checkpoints(
     build_model: Callable[[], nn.Module],
     checkpoints: Sequence[str | Path],
