@@ -155,15 +155,19 @@ W2_GEMM_BOUND = "GEMM bound of the Grams (float32, half of D D^T per layer)"
 #: Suffix of the configurations run inside ``retained_heap`` (the freed-memory policy our compare runs under), so
 #: that ours is also set against the forward passes and pytorch-cka without glibc's page-fault churn.
 RETAINED = " (retained heap)"
+#: Suffix of our configurations run with the retained heap switched off (glibc's own policy, as before it).
+HEAP_OFF = " REPSIM_RETAIN_HEAP=0"
 W2_OURS = "ours default (cka, exact, spatial=flatten)"
 W2_CONFIGS = [
     "forward only",
     "forward only" + RETAINED,
     W2_GEMM_BOUND,
     W2_OURS,
-    W2_OURS + " REPSIM_RETAIN_HEAP=0",
+    W2_OURS + HEAP_OFF,
     "ours debiased_cka estimator=minibatch",
+    "ours debiased_cka estimator=minibatch" + HEAP_OFF,
     "ours cka spatial=mean",
+    "ours cka spatial=mean" + HEAP_OFF,
     "ours exact float64 (reference)",
     "pytorch-cka",
     "pytorch-cka" + RETAINED,
@@ -243,7 +247,7 @@ def _w2_child(config: str, quick: bool) -> dict[str, Any]:
 
     from repsim_plugin._utils.heap import retained_heap
 
-    if config.endswith(" REPSIM_RETAIN_HEAP=0"):
+    if config.endswith(HEAP_OFF):
         os.environ["REPSIM_RETAIN_HEAP"] = "0"
     times = []
     for _ in range(1 + W2_WARM_CALLS):  # the first call in a fresh process, then warm calls (their median)
@@ -265,7 +269,7 @@ def _w2_child(config: str, quick: bool) -> dict[str, Any]:
 
 def _on_retained_heap(config: str) -> bool:
     """Whether a W2 configuration's forwards run on the retained heap (ours by default, and the RETAINED rows)."""
-    return config.endswith(RETAINED) or (config.startswith("ours") and not config.endswith("REPSIM_RETAIN_HEAP=0"))
+    return config.endswith(RETAINED) or (config.startswith("ours") and not config.endswith(HEAP_OFF))
 
 
 def _overhead(config: str, seconds: float, forward: float | None, forward_retained: float | None) -> float | None:

@@ -41,6 +41,7 @@ _depth = 0
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
+@functools.lru_cache(maxsize=1)
 def _libc() -> Any:
     """glibc's malloc controls, or None where they are absent or not the process's allocator."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
