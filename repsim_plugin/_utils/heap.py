@@ -7,7 +7,8 @@ by page: two resnet18 on 1024 images of 3x64x64 took 500-650k minor faults per p
 and 25% of the pass's wall time (``benchmarks/RESULTS.md``). Inside :func:`retained_heap` the freed memory stays in
 the heap and is reused by the next batch; on leaving, the heap is trimmed (``malloc_trim``) so the memory goes back
 to the system, and both thresholds are set to the ceilings glibc's dynamic thresholds rise to (32 MiB and 64 MiB;
-mallopt cannot switch the dynamic adjustment back on). Nothing computed changes: only where freed memory waits.
+mallopt cannot switch the dynamic adjustment back on, nor report thresholds the caller's own code set, which are
+replaced). Nothing computed changes: only where freed memory waits.
 
 Left alone: a non-glibc platform, an allocator preloaded in place of malloc (jemalloc, tcmalloc, mimalloc), and
 thresholds the user chose through the environment (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
