@@ -15,6 +15,8 @@ import subprocess
 import sys
 import time
 
+from repsim_plugin._utils.heap import OFF_SWITCH, applies
+
 CALLS = 4
 
 
@@ -43,7 +45,7 @@ def child() -> None:
         seconds = time.perf_counter() - start
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         row = {
-            "heap": "retained" if os.environ.get("REPSIM_RETAIN_HEAP") != "0" else "glibc default",
+            "heap": "retained" if applies() else "glibc default",
             "call": call + 1,
             "seconds": round(seconds, 3),
             "user_s": round(r1.ru_utime - r0.ru_utime, 2),
@@ -61,7 +63,7 @@ def main() -> int:
     print("| heap | call | seconds | user s | sys s | minor faults | RSS after the call, MiB |")
     print("|---|---|---|---|---|---|---|")
     for value in ("1", "0"):
-        env = {**os.environ, "REPSIM_RETAIN_HEAP": value}
+        env = {**os.environ, OFF_SWITCH: value}
         done = subprocess.run(
             [sys.executable, __file__, "--child"], env=env, capture_output=True, text=True, check=True
         )

@@ -245,10 +245,10 @@ def _w2_child(config: str, quick: bool) -> dict[str, Any]:
             return _peer(config).CKA(a, b, W2_LAYERS, W2_LAYERS)(bare, epochs=1)
         raise ValueError(config)
 
-    from repsim_plugin._utils.heap import retained_heap
+    from repsim_plugin._utils.heap import OFF_SWITCH, retained_heap
 
     if config.endswith(HEAP_OFF):
-        os.environ["REPSIM_RETAIN_HEAP"] = "0"
+        os.environ[OFF_SWITCH] = "0"
     times = []
     for _ in range(1 + W2_WARM_CALLS):  # the first call in a fresh process, then warm calls (their median)
         start = time.perf_counter()

@@ -71,10 +71,10 @@ def applies() -> bool:
 def retained_heap() -> Iterator[bool]:
     """Keep freed memory in the heap for the block's duration; yields whether that applied. Nests; thread-safe."""
     global _depth
-    libc = _libc() if applies() else None
-    if libc is None:
+    if not applies():
         yield False
         return
+    libc = _libc()
     with _lock:
         if _depth == 0:
             libc.mallopt(M_MMAP_THRESHOLD, RETAIN_BYTES)
