@@ -152,17 +152,24 @@ def w1(quick: bool, rounds: int) -> dict[str, Any]:
 
 W2_LAYERS = ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0", "layer4.1"]
 W2_GEMM_BOUND = "GEMM bound of the Grams (float32, half of D D^T per layer)"
+#: The same products on oneDNN's float32 kernels (every layer, whatever its width): the fastest GEMM torch carries
+W2_GEMM_BOUND_ONEDNN = "GEMM bound of the Grams on oneDNN (float32, half of D D^T per layer)"
+W2_BOUNDS = (W2_GEMM_BOUND, W2_GEMM_BOUND_ONEDNN)
 #: Suffix of the configurations run inside ``retained_heap`` (the freed-memory policy our compare runs under), so
 #: that ours is also set against the forward passes and pytorch-cka without glibc's page-fault churn.
 RETAINED = " (retained heap)"
 #: Suffix of our configurations run with the retained heap switched off (glibc's own policy, as before it).
 HEAP_OFF = " REPSIM_RETAIN_HEAP=0"
+#: Suffix of our default with its long products kept on torch's default BLAS (as before oneDNN took them).
+ONEDNN_OFF = " REPSIM_ONEDNN=0"
 W2_OURS = "ours default (cka, exact, spatial=flatten)"
 W2_CONFIGS = [
     "forward only",
     "forward only" + RETAINED,
     W2_GEMM_BOUND,
+    W2_GEMM_BOUND_ONEDNN,
     W2_OURS,
+    W2_OURS + ONEDNN_OFF,
     W2_OURS + HEAP_OFF,
     "ours debiased_cka estimator=minibatch",
     "ours debiased_cka estimator=minibatch" + HEAP_OFF,
@@ -205,16 +212,22 @@ def _w2_child(config: str, quick: bool) -> dict[str, Any]:
         a(data[0][:4])
         b(data[0][:4])
 
-    if config == W2_GEMM_BOUND:  # the multiply-adds an exact sample-space map cannot avoid: n^2 d / 2 per layer
+    if config in W2_BOUNDS:  # the multiply-adds an exact sample-space map cannot avoid: n^2 d / 2 per layer
         with torch.no_grad():
             widths = [int(h.flatten(1).shape[1]) for m in models for h in _w2_layer_rows(m, data[0][:2])]
         rows = [torch.randn(len(images), d, generator=g) for d in widths]
-        rows[0] @ rows[0].T  # warm the BLAS up
+        from repsim_plugin._utils.gemm import _inner_product
+
+        inner = _inner_product() if config == W2_GEMM_BOUND_ONEDNN else None
+        if config == W2_GEMM_BOUND_ONEDNN and inner is None:
+            raise RuntimeError("this torch has no float32-exact oneDNN inner product")
+        product = (lambda a, b: a @ b.T) if inner is None else inner
+        product(rows[0], rows[0])  # warm the BLAS up
 
     def run() -> Any:
-        if config == W2_GEMM_BOUND:
+        if config in W2_BOUNDS:
             for D in rows:
-                D @ D.T
+                product(D, D)
             return None
         if config.startswith("forward only"):
             with torch.no_grad():
@@ -245,17 +258,20 @@ def _w2_child(config: str, quick: bool) -> dict[str, Any]:
             return _peer(config).CKA(a, b, W2_LAYERS, W2_LAYERS)(bare, epochs=1)
         raise ValueError(config)
 
+    from repsim_plugin._utils import gemm
     from repsim_plugin._utils.heap import OFF_SWITCH, retained_heap
 
     if config.endswith(HEAP_OFF):
         os.environ[OFF_SWITCH] = "0"
+    if config.endswith(ONEDNN_OFF):
+        os.environ[gemm.OFF_SWITCH] = "0"
     times = []
     for _ in range(1 + W2_WARM_CALLS):  # the first call in a fresh process, then warm calls (their median)
         start = time.perf_counter()
         with retained_heap() if config.endswith(RETAINED) else contextlib.nullcontext():
             values = run()
         times.append(time.perf_counter() - start)
-    if config == W2_GEMM_BOUND:
+    if config in W2_BOUNDS:
         times = [t / 2 for t in times]  # a full product per layer, timed; the symmetric Gram needs half of it
     out = {
         "config": config,
@@ -275,7 +291,7 @@ def _on_retained_heap(config: str) -> bool:
 def _overhead(config: str, seconds: float, forward: float | None, forward_retained: float | None) -> float | None:
     """Time over the forward passes alone on the same heap policy (None for the GEMM bound or a missing forward)."""
     base = forward_retained if _on_retained_heap(config) else forward
-    return None if base is None or config == W2_GEMM_BOUND else seconds / base - 1
+    return None if base is None or config in W2_BOUNDS else seconds / base - 1
 
 
 def _w2_layer_rows(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -334,6 +350,7 @@ def w2(quick: bool, rounds: int, configs: list[str] | None = None) -> dict[str, 
     peer, peer_retained = median.get("pytorch-cka"), median.get("pytorch-cka" + RETAINED)
     ours = median.get(W2_OURS)
     bound = median.get(W2_GEMM_BOUND)
+    bound_onednn = median.get(W2_GEMM_BOUND_ONEDNN)
     return {
         "workload": "W2",
         "rows": rows,
@@ -345,6 +362,10 @@ def w2(quick: bool, rounds: int, configs: list[str] | None = None) -> dict[str, 
         "ours_default_overhead_vs_gemm_bound": None
         if not (ours and forward_retained and bound)
         else (ours - forward_retained) / bound,
+        # the same against the products on oneDNN's kernels (ours takes them for the layers of 16384+ features)
+        "ours_default_overhead_vs_onednn_gemm_bound": None
+        if not (ours and forward_retained and bound_onednn)
+        else (ours - forward_retained) / bound_onednn,
         "not_run": not_run,
     }
 

@@ -144,8 +144,10 @@ class SampleSpaceCKAMap(MapAccumulator):
             )
         la, lb = self._labels
         with torch.no_grad():
-            KA = self.grams(self._rows_a, la)
-            KB = KA if self._rows_b is None else self.grams(self._rows_b, lb)
+            stores = [self._rows_a] if self._rows_b is None else [self._rows_a, self._rows_b]
+            buffer = self._deviation_buffer(stores)  # one for both sides: each fresh page faults in (up to 5 us here)
+            KA = self.grams(self._rows_a, la, buffer)
+            KB = KA if self._rows_b is None else self.grams(self._rows_b, lb, buffer)
             if self.keep_grams:  # for permutation tests / bootstrap on the map (repsim_plugin.map_stats)
                 self.kept_grams = (KA, KB)
             if self.debiased:
@@ -163,7 +165,23 @@ class SampleSpaceCKAMap(MapAccumulator):
             names_b = (self.layers_b, la if self.same else lb)
             return ratio_table(xy, xx, yy, [(self.layers_a, la), names_b])
 
-    def grams(self, store: Rows, label: Label) -> torch.Tensor:
+    def _mixed(self, store: Rows) -> list[bool]:
+        """Per layer of ``store``: whether its Gram takes the float32 product of deviations (see :meth:`grams`)."""
+        n = sum(int(b.shape[0]) for b in next(iter(store.values())))
+        return [not self.full_float64 and b[0].dtype != F64 and n * n * b[0].shape[1] >= MIXED_MIN_FLOPS
+                for b in store.values()]  # fmt: skip
+
+    def _deviation_buffer(self, stores: Sequence[Rows]) -> torch.Tensor:
+        """One float32 buffer that holds the deviations of the widest mixed-precision layer of ``stores``."""
+        first = next(iter(stores[0].values()))
+        n = sum(int(b.shape[0]) for b in first)
+        widths = [
+            int(b[0].shape[1]) for store in stores for b, m in zip(store.values(), self._mixed(store), strict=True) if m
+        ]
+        widest = max(widths, default=0)
+        return torch.empty(n * widest, dtype=torch.float32, device=first[0].device)
+
+    def grams(self, store: Rows, label: Label, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """Stacked (L, n, n) float64 Grams of the centred rows of each layer (kept for permutations / bootstrap).
 
         Float32 rows of a large problem (n^2 d >= ``MIXED_MIN_FLOPS``) take one float32 product of deviations
@@ -174,10 +192,9 @@ class SampleSpaceCKAMap(MapAccumulator):
         n = sum(int(b.shape[0]) for b in next(iter(store.values())))
         first = next(iter(store.values()))[0]
         out = torch.empty((len(store), n, n), dtype=F64, device=first.device)
-        mixed = [not self.full_float64 and b[0].dtype != F64 and n * n * b[0].shape[1] >= MIXED_MIN_FLOPS
-                 for b in store.values()]  # fmt: skip
-        widest = max([int(b[0].shape[1]) for b, m in zip(store.values(), mixed, strict=True) if m], default=0)
-        buffer = torch.empty(n * widest, dtype=torch.float32, device=first.device)  # one deviation buffer for all
+        mixed = self._mixed(store)
+        if buffer is None:
+            buffer = self._deviation_buffer([store])  # one deviation buffer for all layers
         for K, (name, batches), mix in zip(out, store.items(), mixed, strict=True):
             self._gram(batches, label(name), K, buffer if mix else None)
         return out
