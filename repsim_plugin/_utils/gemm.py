@@ -11,16 +11,17 @@ for sums of at least ``ONEDNN_MIN_TERMS`` terms: the sample-space Grams of wide 
 layer), where the products cost most. The arithmetic stays strict float32 (one rounding per multiply-add, float32
 accumulation).
 
-Only where that holds: dense float32 CPU tensors without autograd, torch's float32 matmul precision at "highest"
-and oneDNN's own at its default (a precision the user lowered keeps torch's product, which then follows it), and
-after a check at first use that oneDNN's result is float32-accurate (a product that rounded its inputs to bfloat16
-is caught). ``REPSIM_ONEDNN=0`` keeps every product on torch's default.
+Only where that holds: x86-64 (where it was measured), dense float32 CPU tensors without autograd, torch's float32
+matmul precision at "highest" and oneDNN's own at its default (a precision the user lowered keeps torch's product,
+which then follows it), and after a check at first use that oneDNN's result is float32-accurate (a product that
+rounded its inputs to bfloat16 is caught). ``REPSIM_ONEDNN=0`` keeps every product on torch's default.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import platform
 from collections.abc import Callable
 
 import torch
@@ -38,8 +39,8 @@ Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 @functools.lru_cache(maxsize=1)
 def _inner_product() -> Product | None:
     """oneDNN's dense inner product ``(a, b) -> a @ b.T``, or None where this torch lacks it or it is not exact."""
-    if not torch.backends.mkldnn.is_available():
-        return None
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        return None  # measured on x86-64 only: elsewhere (ARM's oneDNN builds) torch's BLAS is kept
     try:
         op = torch.ops.mkldnn._linear_pointwise
     except (AttributeError, RuntimeError):
