@@ -36,13 +36,15 @@ def test_long_dense_products_take_onednn_and_stay_float32_exact():
 
 
 @needs_onednn
-@pytest.mark.parametrize("case", ["short", "strided", "float64", "autograd"])
+@pytest.mark.parametrize("case", ["short", "strided", "float64", "autograd", "no rows"])
 def test_ineligible_products_are_torch_products_bit_for_bit(case):
     a, b = _pair(40, 24, K)
     if case == "short":  # sums under ONEDNN_MIN_TERMS, where oneDNN rounded 1.7-3.9x worse than MKL
         a, b = a[:, : K - 1], b[:, : K - 1]
     elif case == "strided":  # rows of a transposed matrix: oneDNN's slow reference path
         a = torch.cat([a, a], dim=1)[:, ::2]
+    elif case == "no rows":
+        a = a[:0]
     elif case == "float64":
         a, b = a.double(), b.double()
     else:
@@ -112,3 +114,13 @@ def test_wide_sample_space_map_on_onednn_within_3e_8_of_float64_and_batching_inv
     mkl = fast.compute()
     assert not torch.equal(mkl, got)  # the map's Grams were oneDNN's
     assert torch.allclose(mkl, ref, atol=3e-8, rtol=0)
+
+
+def test_a_refused_call_falls_back_to_torch_product(monkeypatch):
+    def refuses(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("could not create a primitive descriptor")
+
+    monkeypatch.setattr(gemm, "_inner_product", lambda: refuses)
+    monkeypatch.setattr(gemm, "uses_onednn", lambda: True)
+    a, b = _pair(8, 8, K)
+    assert torch.equal(gemm.product_t(a, b), a @ b.T)
