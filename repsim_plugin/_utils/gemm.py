@@ -1,20 +1,23 @@
-"""Long float32 products on oneDNN's kernels where torch's default CPU BLAS leaves the machine's vectors unused.
+"""Long float32 products on oneDNN's kernels, opt-in (``REPSIM_ONEDNN=1``): twice MKL's speed here, rounding worse.
 
 torch multiplies CPU float32 matrices in MKL, which takes its AVX2 kernels on non-Intel processors: on the 2-core
 AMD EPYC (AVX-512) that the benchmarks run on, the 1024 x 1024 Gram of 16384 features took 0.153 s in MKL and
 0.071 s in oneDNN, the library torch already carries for its convolutions (``benchmarks/RESULTS.md``).
 
-oneDNN rounds differently, though: over sums of up to about 8192 terms its float32 results were 1.7-3.9x further
-from float64 than MKL's (positive uniform entries, 64-512 rows), enough to push the exact estimators' worst cases
-past their 3e-8 bars; from 12288 terms on they were as close (0.6-1.3x). So :func:`product_t` takes oneDNN only
-for sums of at least ``ONEDNN_MIN_TERMS`` terms: the sample-space Grams of wide layers (a flattened conv or token
-layer), where the products cost most. The arithmetic stays strict float32 (one rounding per multiply-add, float32
-accumulation).
+oneDNN rounds differently, though, and on the pairs that stress float32 products most it rounds worse, also on
+long sums: where the terms cancel (deviations from a mean) its error was 1.7-1.9x MKL's at 16384-32768 terms, and
+CKA of the "offset" pair of ``tests/test_performance.py`` at n = 16384 samples (feature form, 160 / 96 features)
+was 1.95e-8 from float64 against MKL's 1.1e-9, past the 1e-8 the exact estimators promise; debiased CKA of 96
+samples of 16384 features, 2.1e-8 against 8.9e-9. So torch's product stays the default, and the exactness
+measurements hold for it. With ``REPSIM_ONEDNN=1``, :func:`product_t` sends sums of at least ``ONEDNN_MIN_TERMS``
+terms (the sample-space Grams of wide layers, feature-space products over 16384+ samples) to oneDNN, strict
+float32 (one rounding per multiply-add, float32 accumulation); shorter sums, where it rounded 1.6-3.9x worse on
+positive entries, stay on torch's BLAS.
 
-Only where that holds: x86-64 (where it was measured), dense float32 CPU tensors without autograd, torch's float32
-matmul precision at "highest" and oneDNN's own at its default (a precision the user lowered keeps torch's product,
-which then follows it), and after a check at first use that oneDNN's result is float32-accurate (a product that
-rounded its inputs to bfloat16 is caught). ``REPSIM_ONEDNN=0`` keeps every product on torch's default.
+Even then only where it is safe: x86-64 (where it was measured), dense float32 CPU tensors without autograd,
+torch's float32 matmul precision at "highest" and oneDNN's own at its default (a precision the user lowered keeps
+torch's product, which then follows it), and after a check at first use that oneDNN's result is float32-accurate
+(a product that rounded its inputs to bfloat16 is caught).
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ from collections.abc import Callable
 
 import torch
 
-#: The environment variable that keeps the products on torch's default BLAS ("0").
-OFF_SWITCH = "REPSIM_ONEDNN"
-#: Sums of at least this many terms go to oneDNN, where its rounding matched MKL's (module docstring).
+#: The environment variable that sends long products to oneDNN ("1"; anything else keeps torch's default BLAS).
+SWITCH = "REPSIM_ONEDNN"
+#: With the switch on, sums of at least this many terms go to oneDNN (shorter ones rounded worse still).
 ONEDNN_MIN_TERMS = 16384
 #: oneDNN's float32 precision settings that keep strict float32 arithmetic.
 _STRICT = ("none", "ieee")
@@ -72,14 +75,20 @@ def float32_accurate(inner: Product) -> bool:
 
 
 def uses_onednn() -> bool:
-    """Whether :func:`product_t` may send float32 CPU products to oneDNN now (its switch, torch's settings, check)."""
-    if os.environ.get(OFF_SWITCH, "1") == "0" or torch.get_float32_matmul_precision() != "highest":
+    """Whether :func:`product_t` sends long float32 CPU products to oneDNN now: switched on (``REPSIM_ONEDNN=1``),
+    torch's settings at strict float32, and oneDNN's product float32-accurate here (:func:`available`)."""
+    if os.environ.get(SWITCH, "0").strip() != "1" or torch.get_float32_matmul_precision() != "highest":
         return False
     try:
         precision = torch.backends.mkldnn.matmul.fp32_precision  # type: ignore[attr-defined]
     except AttributeError:  # a torch without the setting: strict float32
         precision = "none"
-    return precision in _STRICT and _inner_product() is not None
+    return precision in _STRICT and available()
+
+
+def available() -> bool:
+    """Whether this machine and torch have a float32-accurate oneDNN inner product (x86-64, checked at first use)."""
+    return _inner_product() is not None
 
 
 def dense(t: torch.Tensor) -> bool:
@@ -93,7 +102,7 @@ def dense(t: torch.Tensor) -> bool:
 
 
 def product_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b.T`` of 2-D tensors; on oneDNN for long sums of dense float32 CPU tensors without autograd."""
+    """``a @ b.T`` of 2-D tensors; with ``REPSIM_ONEDNN=1``, on oneDNN for long sums of dense float32 CPU tensors."""
     eligible = (
         a.shape[1] >= ONEDNN_MIN_TERMS
         and min(a.shape[0], b.shape[0]) > 0
