@@ -66,6 +66,24 @@ def test_float32_inputs_take_the_mixed_path_within_1e_8_of_float64(shape, debias
             assert ref == pytest.approx(_numpy_cka(X.double().numpy(), Y.double().numpy(), debiased), abs=1e-9), name
 
 
+def test_debiased_cka_of_few_wide_rows_within_1e_8_of_float64():
+    """Unbiased HSIC drops the Grams' exact diagonals: with few rows for their width the float32 product's rounding
+    reached 2.6e-8 here (n = 128, d = 65536), so such problems stay float64 (mixed.unbiased_gram_mixed_ok)."""
+    from repsim_plugin.measures.mixed import unbiased_gram_mixed_ok
+    from repsim_plugin.streaming import SampleSpaceCKAMap
+
+    n, p, q = 128, 65536, 4096
+    assert not unbiased_gram_mixed_ok(n, p) and n * n * p >= MIXED_MIN_FLOPS
+    m = rp.measures.make("debiased_cka")
+    full = m.with_dtype(torch.float64)
+    for name, X, Y in _pairs(n, p, q, seed=12):
+        assert float(m(X, Y)) == pytest.approx(float(full(X, Y)), abs=1e-8), name
+        fast, exact = SampleSpaceCKAMap(debiased=True), SampleSpaceCKAMap(debiased=True)
+        fast.update({"x": X}, {"y": Y})
+        exact.update({"x": X.double()}, {"y": Y.double()})
+        assert torch.allclose(fast.compute(), exact.compute(), atol=1e-8, rtol=0), name
+
+
 def test_mixed_path_keeps_autograd_and_float64_inputs_stay_float64():
     g = torch.Generator().manual_seed(1)
     X = torch.randn(3000, 128, generator=g, requires_grad=True)

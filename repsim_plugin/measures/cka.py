@@ -28,7 +28,15 @@ from .kernels import (
     warn_full_rank,
     warn_small_sample_bias,
 )
-from .mixed import MIXED_MIN_FLOPS, cross_product64, deviations32, gram_fixed, self_product64, squared_norm_fixed
+from .mixed import (
+    MIXED_MIN_FLOPS,
+    cross_product64,
+    deviations32,
+    gram_fixed,
+    self_product64,
+    squared_norm_fixed,
+    unbiased_gram_mixed_ok,
+)
 from .registry import Estimator, Measure, Spec, register_family
 
 __all__ = [
@@ -91,14 +99,16 @@ def linear_cka_mixed(X: torch.Tensor, Y: torch.Tensor, *, debiased: bool = False
     the three products run in float32 (the cost of the measure, at float32 GEMM speed; the two self-products as
     half GEMMs) with the entries of strongly correlated features made exact (``mixed.refine_correlated``), and
     everything built from them (squared norms, the debiased corrections, the ratio) in float64, with the Grams'
-    diagonals exact. Small problems, where float64 costs nothing noticeable, take :func:`linear_cka` in float64.
+    diagonals exact. Small problems, where float64 costs nothing noticeable, take :func:`linear_cka` in float64, and
+    so does debiased CKA in sample space with few rows for its width (``mixed.unbiased_gram_mixed_ok``).
     """
     n, p = X.shape
     q = Y.shape[1]
     if space == "auto":
         space = choose_space(n, p, q)
     flops = n * (p * q + p * p + q * q) if space == "feature" else n * n * (p + q)
-    if flops < MIXED_MIN_FLOPS or space not in ("feature", "sample"):
+    too_coarse = debiased and space == "sample" and not unbiased_gram_mixed_ok(n, max(p, q))  # few rows, wide
+    if flops < MIXED_MIN_FLOPS or space not in ("feature", "sample") or too_coarse:
         return linear_cka(X.to(torch.float64), Y.to(torch.float64), debiased=debiased, space=space)
     if not debiased:
         warn_small_sample_bias(n, p, q, "Report debiased CKA (make('debiased_cka')) or use more samples.")

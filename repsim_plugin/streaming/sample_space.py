@@ -14,7 +14,7 @@ import torch
 from .._utils.checks import Bool, check_params
 from ..errors import DegenerateInputError, TooFewSamplesError
 from ..measures.kernels import center_gram_, hsic_unbiased_table
-from ..measures.mixed import MIXED_MIN_FLOPS, deviation_gram64
+from ..measures.mixed import MIXED_MIN_FLOPS, deviation_gram64, unbiased_gram_mixed_ok
 from ._reductions import COUNT, ROWS
 from ._rows import (
     F64,
@@ -168,8 +168,9 @@ class SampleSpaceCKAMap(MapAccumulator):
     def _mixed(self, store: Rows) -> list[bool]:
         """Per layer of ``store``: whether its Gram takes the float32 product of deviations (see :meth:`grams`)."""
         n = sum(int(b.shape[0]) for b in next(iter(store.values())))
-        return [not self.full_float64 and b[0].dtype != F64 and n * n * b[0].shape[1] >= MIXED_MIN_FLOPS
-                for b in store.values()]  # fmt: skip
+        fine = [not self.debiased or unbiased_gram_mixed_ok(n, int(b[0].shape[1])) for b in store.values()]
+        return [not self.full_float64 and b[0].dtype != F64 and n * n * b[0].shape[1] >= MIXED_MIN_FLOPS and ok
+                for b, ok in zip(store.values(), fine, strict=True)]  # fmt: skip
 
     def _deviation_buffer(self, stores: Sequence[Rows]) -> torch.Tensor:
         """One float32 buffer that holds the deviations of the widest mixed-precision layer of ``stores``."""
@@ -184,9 +185,10 @@ class SampleSpaceCKAMap(MapAccumulator):
     def grams(self, store: Rows, label: Label, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """Stacked (L, n, n) float64 Grams of the centred rows of each layer (kept for permutations / bootstrap).
 
-        Float32 rows of a large problem (n^2 d >= ``MIXED_MIN_FLOPS``) take one float32 product of deviations
-        formed exactly (as :func:`~repsim_plugin.measures.mixed.gram_fixed`: within a few 1e-8 of float64, half the
-        multiply-adds of a full GEMM); float64 rows and small problems are centred and multiplied in float64.
+        Float32 rows of a large problem (n^2 d >= ``MIXED_MIN_FLOPS``; debiased, also n^2 >= 16 d: see
+        ``mixed.unbiased_gram_mixed_ok``) take one float32 product of deviations formed exactly (as
+        :func:`~repsim_plugin.measures.mixed.gram_fixed`: within a few 1e-8 of float64, half the multiply-adds of a
+        full GEMM); float64 rows and small problems are centred and multiplied in float64.
         The same rows give the same bits however they were batched, merged or gathered.
         """
         n = sum(int(b.shape[0]) for b in next(iter(store.values())))
