@@ -168,9 +168,14 @@ class SampleSpaceCKAMap(MapAccumulator):
     def _mixed(self, store: Rows) -> list[bool]:
         """Per layer of ``store``: whether its Gram takes the float32 product of deviations (see :meth:`grams`)."""
         n = sum(int(b.shape[0]) for b in next(iter(store.values())))
-        fine = [not self.debiased or unbiased_gram_mixed_ok(n, int(b[0].shape[1])) for b in store.values()]
-        return [not self.full_float64 and b[0].dtype != F64 and n * n * b[0].shape[1] >= MIXED_MIN_FLOPS and ok
-                for b, ok in zip(store.values(), fine, strict=True)]  # fmt: skip
+        return [self._mixed_layer(n, batches[0]) for batches in store.values()]
+
+    def _mixed_layer(self, n: int, first: torch.Tensor) -> bool:
+        """Whether a layer of ``n`` rows like ``first`` takes the float32 product: float32 rows, a large enough
+        problem and, debiased, enough rows for the width (``mixed.unbiased_gram_mixed_ok``)."""
+        d = int(first.shape[1])
+        large = n * n * d >= MIXED_MIN_FLOPS and first.dtype != F64 and not self.full_float64
+        return large and (not self.debiased or unbiased_gram_mixed_ok(n, d))
 
     def _deviation_buffer(self, stores: Sequence[Rows]) -> torch.Tensor:
         """One float32 buffer that holds the deviations of the widest mixed-precision layer of ``stores``."""
