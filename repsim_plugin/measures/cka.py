@@ -107,8 +107,8 @@ def linear_cka_mixed(X: torch.Tensor, Y: torch.Tensor, *, debiased: bool = False
     if space == "auto":
         space = choose_space(n, p, q)
     flops = n * (p * q + p * p + q * q) if space == "feature" else n * n * (p + q)
-    too_coarse = debiased and space == "sample" and not unbiased_gram_mixed_ok(n, max(p, q))  # few rows, wide
-    if flops < MIXED_MIN_FLOPS or space not in ("feature", "sample") or too_coarse:
+    few_rows = debiased and space == "sample" and not unbiased_gram_mixed_ok(n, max(p, q))  # for their width
+    if flops < MIXED_MIN_FLOPS or space not in ("feature", "sample") or few_rows:
         return linear_cka(X.to(torch.float64), Y.to(torch.float64), debiased=debiased, space=space)
     if not debiased:
         warn_small_sample_bias(n, p, q, "Report debiased CKA (make('debiased_cka')) or use more samples.")

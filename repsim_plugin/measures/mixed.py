@@ -109,9 +109,8 @@ def symmetric_product64(A: torch.Tensor, out: torch.Tensor | None = None) -> tor
     ``SYMMETRIC_LEAF`` rows, multiplied whole and symmetrised. Square blocks keep the BLAS near its full-GEMM
     speed (1024 rows, 2-core AVX-512: a 512 x 512 block at 0.94x, 128 x 1024 strips at 0.68x); 1.06x the
     multiply-adds of half a GEMM at 1024 rows. The blocks multiply through :func:`~repsim_plugin._utils.gemm.product_t`
-    (oneDNN with ``REPSIM_ONEDNN=1``, for rows of 16384+ features: a 1024 x 16384 half-Gram in 0.05 s
-    instead of 0.097 s). The result is
-    symmetric to the last bit and its bits depend on the row count alone.
+    (oneDNN with ``REPSIM_ONEDNN=1``, for rows of 16384+ features: a 1024 x 16384 half-Gram in 0.05 s instead of
+    0.097 s). The result is symmetric to the last bit and its bits depend on the row count alone.
     """
     n = A.shape[0]
     G = torch.empty((n, n), dtype=torch.float64, device=A.device) if out is None else out
