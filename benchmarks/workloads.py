@@ -283,6 +283,14 @@ def _w2_child(config: str, quick: bool) -> dict[str, Any]:
     return out
 
 
+def _ratios_by_round(ours: list[dict[str, Any]] | None, peer: list[dict[str, Any]] | None) -> list[float] | None:
+    """``ours / peer`` (warm seconds) of each round in which both ran; None when either is missing."""
+    if not ours or not peer:
+        return None
+    both = [(o, p) for o, p in zip(ours, peer, strict=True) if "error" not in o and "error" not in p]
+    return [o["seconds"] / p["seconds"] for o, p in both]
+
+
 def _on_retained_heap(config: str) -> bool:
     """Whether a W2 configuration's forwards run on the retained heap (ours by default, and the RETAINED rows)."""
     return config.endswith(RETAINED) or (config.startswith("ours") and not config.endswith(HEAP_OFF))
@@ -355,6 +363,8 @@ def w2(quick: bool, rounds: int, configs: list[str] | None = None) -> dict[str, 
         "workload": "W2",
         "rows": rows,
         "ours_default_vs_pytorch_cka": None if not (peer and ours) else ours / peer,
+        # the same ratio in each round (the two processes run one after the other): how far it moves with the load
+        "ours_default_vs_pytorch_cka_by_round": _ratios_by_round(ok.get(W2_OURS), ok.get("pytorch-cka")),
         # the same, with pytorch-cka's forwards spared the page-fault churn too (as ours are)
         "ours_default_vs_pytorch_cka_retained_heap": None if not (peer_retained and ours) else ours / peer_retained,
         # the statistics' cost (ours - forward, both on the retained heap) against the products the exact Grams
@@ -454,6 +464,9 @@ def markdown(result: dict[str, Any]) -> str:
     for key in keys:
         if result.get(key) is not None:
             lines.append(f"\n{key}: {result[key]:.3g}")
+    if result.get("ours_default_vs_pytorch_cka_by_round"):
+        by_round = ", ".join(f"{r:.3g}" for r in result["ours_default_vs_pytorch_cka_by_round"])
+        lines.append(f"\nours_default_vs_pytorch_cka_by_round: {by_round}")
     for peer, why in result.get("not_run", {}).items():
         lines.append(f"- not run: {peer}: {why}")
     return "\n".join(lines) + "\n"

@@ -29,3 +29,18 @@ def test_quick_benchmark_writes_markdown_and_json(tmp_path):
     text = out_md.read_text()
     assert "### W1" in text and "### W4" in text and "| ours cka |" in text
     assert "not run: x: why" in workloads.markdown({"workload": "W3", "rows": [], "not_run": {"x": "why"}})
+
+
+def test_w2_ratio_to_pytorch_cka_given_per_round_and_printed():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import workloads
+    finally:
+        sys.path.pop(0)
+    ours = [{"seconds": 3.3}, {"seconds": 4.0}, {"seconds": 3.6}]
+    peer = [{"seconds": 3.0}, {"error": "failed"}, {"seconds": 2.4}]  # round 2 of the peer failed: left out
+    by_round = workloads._ratios_by_round(ours, peer)
+    assert by_round == [3.3 / 3.0, 3.6 / 2.4]
+    assert workloads._ratios_by_round(ours, None) is None
+    text = workloads.markdown({"workload": "W2", "rows": [], "ours_default_vs_pytorch_cka_by_round": by_round})
+    assert "ours_default_vs_pytorch_cka_by_round: 1.1, 1.5" in text
