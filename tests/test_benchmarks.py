@@ -31,7 +31,7 @@ def test_quick_benchmark_writes_markdown_and_json(tmp_path):
     assert "not run: x: why" in workloads.markdown({"workload": "W3", "rows": [], "not_run": {"x": "why"}})
 
 
-def test_w2_ratio_to_pytorch_cka_given_per_round_and_printed():
+def test_w2_ratio_to_pytorch_cka_per_round_and_on_first_calls():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import workloads
@@ -42,5 +42,7 @@ def test_w2_ratio_to_pytorch_cka_given_per_round_and_printed():
     by_round = workloads._ratios_by_round(ours, peer)
     assert by_round == [3.3 / 3.0, 3.6 / 2.4]
     assert workloads._ratios_by_round(ours, None) is None
+    firsts = [{"first_call_seconds": t} for t in (3.0, 4.0, 3.5)], [{"first_call_seconds": t} for t in (2.0, 3.0)]
+    assert workloads._first_call_ratio(*firsts) == 3.5 / 2.5
     text = workloads.markdown({"workload": "W2", "rows": [], "ours_default_vs_pytorch_cka_by_round": by_round})
     assert "ours_default_vs_pytorch_cka_by_round: 1.1, 1.5" in text
