@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from digits_models import load_digits_split, train_digits_cnn
 from torch import nn
 
 import repsim_plugin as rp
+from repsim_plugin.capture import Recorder
 from repsim_plugin.compare import choose_estimator, load_checkpoint, parse_bytes
+from repsim_plugin.compare.engine import Side
 from repsim_plugin.errors import EstimatorChoiceWarning, MemoryBudgetError, RepsimError
 
 LAYERS = ["conv1", "relu2", "fc1", "relu3", "fc2"]
@@ -150,6 +154,27 @@ def test_models_are_left_exactly_as_they_were(cnns, batches):
     assert torch.is_grad_enabled()
     a.eval()
     b.eval()
+
+
+@pytest.mark.parametrize("estimator", ["sample_space", "feature_streaming", "minibatch"])
+def test_no_rows_outlive_the_call_in_reference_cycles(cnns, batches, estimator):
+    """Everything compare holds is freed by reference counting when it returns, before the heap is trimmed: no
+    cycle keeps a batch's rows (or a recorder) alive until the cyclic garbage collector happens to run."""
+    a, b = cnns
+    measure = "debiased_cka" if estimator == "minibatch" else "cka"
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        result = rp.compare(a, b, batches, LAYERS, LAYERS, measure, estimator=estimator, progress=False)
+        del result
+        gc.collect()
+        held = [o for o in gc.garbage if isinstance(o, torch.Tensor | Recorder | Side)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert held == []
 
 
 def test_samples_are_checked_not_assumed(cnns, batches):

@@ -8,6 +8,7 @@ accumulator is built per pair, and every later batch updates them all. Nothing h
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from .._utils.batches import digest, lockstep, model_device, to_device
 from .._utils.names import module_of
 from .._utils.warnings import warn
 from ..capture import Recorder
-from ..errors import EstimatorChoiceWarning, MemoryBudgetError, RepsimError, TooFewSamplesError
+from ..errors import EstimatorChoiceWarning, MemoryBudgetError, RepsimError, StateError, TooFewSamplesError
 from ..measures import Measure
 from .plan import Plan, choose_estimator, gib
 
@@ -70,15 +71,25 @@ def select(rows: Mapping[str, torch.Tensor], modules: tuple[str, ...] | None) ->
 def make_side(
     label: str, model: nn.Module, layers: Any, capture_args: Mapping[str, Any], adapter: Any = "auto"
 ) -> Side:
-    """A side whose recorder hands each batch's rows to the side (kept nowhere else)."""
+    """A side whose recorder hands each batch's rows to the side (kept nowhere else).
+
+    The recorder reaches its side through a weak reference: a strong one would close a cycle (side -> recorder ->
+    callback -> side) that keeps the last batch's rows (60 MiB at W2) alive after the call until the cyclic
+    garbage collector runs, past the heap trim of :func:`~repsim_plugin._utils.heap.retained_heap`.
+    """
     if not isinstance(model, nn.Module):
         raise RepsimError(f"model {label!r} must be a torch.nn.Module, got {type(model).__name__}.")
-    holder: list[Side] = []
-    recorder = Recorder(
-        model, layers, adapter=adapter, keep=False, on_batch=lambda rows: holder[0].receive(rows), **capture_args
-    )
+    holder: list[weakref.ref[Side]] = []
+
+    def receive(rows: Rows) -> None:
+        side = holder[0]()
+        if side is None:
+            raise StateError(f"the comparison that captured {label!r} has ended; its recorder takes no more rows")
+        side.receive(rows)
+
+    recorder = Recorder(model, layers, adapter=adapter, keep=False, on_batch=receive, **capture_args)
     side = Side(label=label, model=model, recorder=recorder)
-    holder.append(side)
+    holder.append(weakref.ref(side))
     return side
 
 
