@@ -12,8 +12,8 @@ from torch import nn
 import repsim_plugin as rp
 from repsim_plugin.capture import Recorder
 from repsim_plugin.compare import choose_estimator, load_checkpoint, parse_bytes
-from repsim_plugin.compare.engine import Side
-from repsim_plugin.errors import EstimatorChoiceWarning, MemoryBudgetError, RepsimError
+from repsim_plugin.compare.engine import Side, make_side
+from repsim_plugin.errors import EstimatorChoiceWarning, MemoryBudgetError, RepsimError, StateError
 
 LAYERS = ["conv1", "relu2", "fc1", "relu3", "fc2"]
 
@@ -175,6 +175,14 @@ def test_no_rows_outlive_the_call_in_reference_cycles(cnns, batches, estimator):
         gc.garbage.clear()
         gc.enable()
     assert held == []
+
+
+def test_a_recorder_outliving_its_side_refuses_rows(cnns):
+    side = make_side("A", cnns[0], LAYERS, {})
+    recorder = side.recorder
+    del side
+    with pytest.raises(StateError, match="has ended"):
+        recorder.on_batch({})
 
 
 def test_samples_are_checked_not_assumed(cnns, batches):
