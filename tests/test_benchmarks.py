@@ -6,15 +6,23 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quick_benchmark_writes_markdown_and_json(tmp_path):
+@pytest.fixture(scope="module")
+def workloads():
+    """``benchmarks/workloads.py`` as a module (the folder is not a package)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import workloads
     finally:
         sys.path.pop(0)
+    return workloads
+
+
+def test_quick_benchmark_writes_markdown_and_json(workloads, tmp_path):
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
     argv = ["--quick", "--rounds", "1", "--only", "W1,W4", "--json", str(out_json), "--markdown", str(out_md)]
     assert workloads.main(argv) == 0
@@ -31,12 +39,7 @@ def test_quick_benchmark_writes_markdown_and_json(tmp_path):
     assert "not run: x: why" in workloads.markdown({"workload": "W3", "rows": [], "not_run": {"x": "why"}})
 
 
-def test_w2_ratio_to_pytorch_cka_per_round_and_on_first_calls():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import workloads
-    finally:
-        sys.path.pop(0)
+def test_w2_ratio_to_pytorch_cka_per_round_and_on_first_calls(workloads):
     ours = [{"seconds": 3.3}, {"seconds": 4.0}, {"seconds": 3.6}]
     peer = [{"seconds": 3.0}, {"error": "failed"}, {"seconds": 2.4}]  # round 2 of the peer failed: left out
     by_round = workloads._ratios_by_round(ours, peer)
