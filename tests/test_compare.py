@@ -162,6 +162,7 @@ def test_no_rows_outlive_the_call_in_reference_cycles(cnns, batches, estimator):
     cycle keeps a batch's rows (or a recorder) alive until the cyclic garbage collector happens to run."""
     a, b = cnns
     measure = "debiased_cka" if estimator == "minibatch" else "cka"
+    flags = gc.get_debug()
     gc.collect()
     gc.disable()
     gc.set_debug(gc.DEBUG_SAVEALL)
@@ -171,7 +172,7 @@ def test_no_rows_outlive_the_call_in_reference_cycles(cnns, batches, estimator):
         gc.collect()
         held = [o for o in gc.garbage if isinstance(o, torch.Tensor | Recorder | Side)]
     finally:
-        gc.set_debug(0)
+        gc.set_debug(flags)
         gc.garbage.clear()
         gc.enable()
     assert held == []
