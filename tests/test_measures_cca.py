@@ -196,6 +196,32 @@ def test_partial_overlap_warning_counts_the_forced_correlations():
     assert (rho > 1 - 1e-9).sum() == 5  # 18 + 16 - 29
 
 
+def test_pwcca_with_tied_forced_correlations_says_its_value_is_not_determined():
+    """Three correlations forced to 1 (ranks 8 + 4 > n - 1 = 9): PWCCA's weights then follow whichever basis of
+    the tied variates the SVD returns, so a shift of X by 1e-12 moves the value by far more than its rounding."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(10, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 8, generator=g, dtype=torch.float64)
+    Y = torch.tanh(X[:, :4]) + 0.5 * torch.randn(10, 4, generator=g, dtype=torch.float64)
+    pwcca = rp.measures.make("pwcca")
+    with pytest.warns(TrivialCorrelationWarning, match="3 of the 4 .* not determined by the data"):
+        a = float(pwcca(X, Y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrivialCorrelationWarning)
+        moved = [abs(float(pwcca(X + shift, Y)) - a) for shift in (1e-12, 1e-9, 3.0)]
+    assert max(moved) > 1e-6  # translation invariant in exact arithmetic; here rounding alone moves it
+    with pytest.warns(TrivialCorrelationWarning) as seen:  # mean CCA is determined: no such sentence
+        rp.measures.make("cca")(X, Y)
+    assert "not determined" not in str(seen[0].message)
+
+
+def test_pwcca_with_one_forced_correlation_is_determined():
+    rng = np.random.default_rng(3)
+    X, Y = rng.standard_normal((12, 8)), rng.standard_normal((12, 4))  # 8 + 4 - 11 = 1 forced
+    with pytest.warns(TrivialCorrelationWarning, match="1 of the 4") as seen:
+        value("pwcca", X, Y)
+    assert "not determined" not in str(seen[0].message)
+
+
 def test_svcca_dims_beyond_the_rank_is_a_clear_error():
     X, Y = related(40, 4, 4, 10)
     with pytest.raises(DegenerateInputError, match="spans only 4"):

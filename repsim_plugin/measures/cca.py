@@ -65,15 +65,25 @@ def column_basis(X: torch.Tensor, name: str = "X") -> tuple[torch.Tensor, torch.
     return U[:, :r], S[:r]
 
 
-def warn_if_trivial(n: int, rank_x: int, rank_y: int, what: str = "canonical correlations") -> None:
-    """Warn when the sample count forces ``rank_x + rank_y - (n - 1)`` correlations to 1."""
+#: Said when two or more forced correlations tie at 1 and a measure's value depends on the canonical variates.
+PWCCA_TIED = (
+    " With two or more tied at 1, PWCCA's weights depend on which basis of the tied canonical variates the SVD "
+    "returns, so its value is not determined by the data: a change at the level of rounding can move it (2e-4 "
+    "for a 1e-12 shift of X at n = 10, ranks 8 / 4)."
+)
+
+
+def warn_if_trivial(n: int, rank_x: int, rank_y: int, what: str = "canonical correlations", *, tied: str = "") -> None:
+    """Warn when the sample count forces ``rank_x + rank_y - (n - 1)`` correlations to 1; ``tied`` is added when
+    two or more are forced (their canonical variates are then any basis of a shared subspace)."""
     forced = rank_x + rank_y - (n - 1)
     if forced > 0:
         total = min(rank_x, rank_y)
         warnings.warn(
             f"with n={n} samples and ranks {rank_x} / {rank_y}, {min(forced, total)} of the {total} {what} "
             f"equal 1 whatever the data (rank X + rank Y > n - 1 = {n - 1}), so the value is inflated. "
-            "Use more samples than features, or reduce the dimension first (e.g. make('svcca', dims=...)).",
+            "Use more samples than features, or reduce the dimension first (e.g. make('svcca', dims=...))."
+            + (tied if min(forced, total) >= 2 else ""),
             TrivialCorrelationWarning,
             stacklevel=caller_stacklevel(),
         )
@@ -146,7 +156,7 @@ def svcca(X: torch.Tensor, Y: torch.Tensor, *, keep: float | None = 0.99, dims: 
 def _pwcca_weighted_by(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     Ua, _ = column_basis(A, "X")
     Ub, _ = column_basis(B, "Y")
-    warn_if_trivial(A.shape[0], Ua.shape[1], Ub.shape[1])
+    warn_if_trivial(A.shape[0], Ua.shape[1], Ub.shape[1], tied=PWCCA_TIED)
     left, rho, _ = _svd(Ua.T @ Ub, "the cross-basis matrix")
     variates = Ua @ left  # unit-norm canonical variates h_i of A, (n, k)
     weights = (variates.T @ center_columns(A)).abs().sum(dim=1)  # alpha_i = sum_j |<h_i, a_j>| over neurons j
