@@ -49,3 +49,33 @@ def test_w2_ratio_to_pytorch_cka_per_round_and_on_first_calls(workloads):
     assert workloads._first_call_ratio(*firsts) == 3.5 / 2.5
     text = workloads.markdown({"workload": "W2", "rows": [], "ours_default_vs_pytorch_cka_by_round": by_round})
     assert "ours_default_vs_pytorch_cka_by_round: 1.1, 1.5" in text
+
+
+def test_w2_summary_pairs_rounds_and_judges_minibatch_against_pytorch_cka(workloads):
+    """W2's ratios from the children's timings (synthetic results in place of the timed processes)."""
+    seconds = {  # per configuration, one entry per round; round 3 had a load spike on ours' side
+        "forward only": [3.0, 3.1, 3.2],
+        "forward only" + workloads.RETAINED: [2.0, 2.0, 2.2],
+        workloads.W2_OURS: [3.3, 3.4, 4.4],
+        workloads.W2_MINIBATCH: [2.7, 2.8, 2.9],
+        "pytorch-cka": [3.0, 3.2, 3.3],
+    }
+    calls: dict[str, int] = {}
+
+    def child(workload, config, quick):
+        assert workload == "W2" and quick is False
+        k = calls[config] = calls.get(config, 0) + 1
+        return {"config": config, "seconds": seconds[config][k - 1], "first_call_seconds": 9.0, "peak_rss_mib": 1.0}
+
+    result = workloads.w2(False, 3, list(seconds), run_child=child)
+    assert calls == dict.fromkeys(seconds, 3)
+    assert result["ours_default_vs_pytorch_cka"] == pytest.approx(3.4 / 3.2)
+    assert result["ours_default_vs_pytorch_cka_by_round"] == pytest.approx([3.3 / 3.0, 3.4 / 3.2, 4.4 / 3.3])
+    assert result["ours_default_vs_pytorch_cka_median_of_rounds"] == pytest.approx(3.3 / 3.0)
+    assert result["ours_minibatch_vs_pytorch_cka"] == pytest.approx(2.8 / 3.2)
+    overheads = {r["name"]: r["overhead_over_forward"] for r in result["rows"]}
+    assert overheads[workloads.W2_OURS] == pytest.approx(3.4 / 2.0 - 1)  # against the forward on its own heap
+    assert overheads["pytorch-cka"] == pytest.approx(3.2 / 3.1 - 1)
+    text = workloads.markdown(result)
+    assert "ours_default_vs_pytorch_cka_median_of_rounds: 1.1" in text
+    assert "ours_minibatch_vs_pytorch_cka: 0.875" in text
