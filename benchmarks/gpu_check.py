@@ -9,6 +9,8 @@ Run on a machine with a GPU: ``python benchmarks/gpu_check.py``. It checks
 Prints one line per check and exits 1 if any failed. (The tests run on CPU; this script is the GPU part.)
 ``python benchmarks/gpu_check.py --perf`` times W1 / W2 of the performance issue and a ViT-B/16 block map on the
 GPU instead (prepared; not run yet: no GPU was lent to the session that wrote it).
+``GPU_CHECK_DEVICE=cpu`` runs either on the CPU, and ``--perf --quick`` on small sizes: ``tests/test_benchmarks.py``
+runs both that way, so the script's own bugs are found without a GPU.
 """
 
 from __future__ import annotations
@@ -167,18 +169,23 @@ def _timed(fn, sync, rounds: int = 3) -> float:
     return statistics.median(times)
 
 
-def perf() -> int:
+def perf(quick: bool = False) -> int:
     """``--perf``: W1 and W2 of the performance issue on the GPU, and a ViT-B/16 12 x 12 block map over 4096 images
-    against its forward passes (prepared for a GPU machine; prints one line per figure)."""
+    against its forward passes (prepared for a GPU machine; prints one line per figure). ``quick``: the same steps
+    on small sizes, to check the script itself (``GPU_CHECK_DEVICE=cpu``, run by ``tests/test_benchmarks.py``)."""
     import timm
 
     import repsim_plugin as rp
 
     dev = torch.device(os.environ.get("GPU_CHECK_DEVICE", "cuda"))
+    if dev.type == "cuda":
+        assert torch.cuda.is_available(), "no CUDA device"
+        print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}", flush=True)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     g = torch.Generator().manual_seed(0)
-    X = torch.randn(10000, 2048, generator=g).to(dev)
-    Y = (X[:, :1024] @ torch.randn(1024, 1024, generator=g).to(dev) / 32 + torch.randn(10000, 1024, device=dev)).float()
+    n, p, q = (1000, 256, 128) if quick else (10000, 2048, 1024)
+    X = torch.randn(n, p, generator=g).to(dev)
+    Y = (X[:, :q] @ torch.randn(q, q, generator=g).to(dev) / q**0.5 + torch.randn(n, q, device=dev)).float()
     Xc, Yc = X - X.mean(0), Y - Y.mean(0)
     bound = _timed(lambda: (Xc.T @ Yc, Xc.T @ Xc, Yc.T @ Yc), sync)
     for name in ("cka", "debiased_cka"):
@@ -193,7 +200,8 @@ def perf() -> int:
     for seed in (0, 1):
         torch.manual_seed(seed)
         models.append(timm.create_model("resnet18", pretrained=False, zero_init_last=False).eval().to(dev))
-    data = [torch.randn(128, 3, 64, 64, generator=g).to(dev) for _ in range(8)]
+    batch, size, batches = (16, 32, 2) if quick else (128, 64, 8)
+    data = [torch.randn(batch, 3, size, size, generator=g).to(dev) for _ in range(batches)]
 
     def forward(ms, batches):
         with torch.no_grad():
@@ -211,17 +219,19 @@ def perf() -> int:
         t = _timed(lambda kw=kw: rp.compare(*models, data, layers, layers, progress=False, **kw), sync, rounds=2)
         print(f"W2 {label}: {t:.3f} s, overhead {t / fwd - 1:+.0%} over the forward passes")
     vits = [timm.create_model("vit_base_patch16_224", pretrained=False).eval().to(dev) for _ in range(2)]
-    images = [torch.randn(256, 3, 224, 224, generator=g).to(dev) for _ in range(16)]
+    batch, batches = (2, 2) if quick else (256, 16)
+    images = [torch.randn(batch, 3, 224, 224, generator=g).to(dev) for _ in range(batches)]
     blocks = [f"blocks.{i}" for i in range(12)]
     fwd = _timed(lambda: forward(vits, images), sync, rounds=1)
     t = _timed(lambda: rp.compare(*vits, images, blocks, blocks, progress=False), sync, rounds=1)
-    print(f"ViT-B/16 12 x 12 block map, 4096 images: forward {fwd:.2f} s, compare {t:.2f} s ({t / fwd - 1:+.0%})")
+    n_images = batch * batches
+    print(f"ViT-B/16 12 x 12 block map, {n_images} images: forward {fwd:.2f} s, compare {t:.2f} s ({t / fwd - 1:+.0%})")
     return 0
 
 
 if __name__ == "__main__":
     if "--perf" in sys.argv:
-        sys.exit(perf())
+        sys.exit(perf(quick="--quick" in sys.argv))
     code = main()
     print("FAILED: " + ", ".join(FAILURES) if FAILURES else "all device checks passed", flush=True)
     sys.exit(code)

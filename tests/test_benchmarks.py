@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -79,3 +82,30 @@ def test_w2_summary_pairs_rounds_and_judges_minibatch_against_pytorch_cka(worklo
     text = workloads.markdown(result)
     assert "ours_default_vs_pytorch_cka_median_of_rounds: 1.1" in text
     assert "ours_minibatch_vs_pytorch_cka: 0.875" in text
+
+
+def _gpu_check_on_cpu(*flags: str) -> str:
+    """``benchmarks/gpu_check.py`` run on the CPU (``GPU_CHECK_DEVICE=cpu``): the script itself is checked here, so a
+    lent GPU's few minutes are not spent finding its bugs."""
+    env = {**os.environ, "GPU_CHECK_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
+    argv = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), *flags]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_device_check_script_passes_on_the_cpu():
+    out = _gpu_check_on_cpu()
+    assert "FAIL" not in out and sum(line.startswith("ok   ") for line in out.splitlines()) == 5  # its 5 checks
+    assert out.rstrip().endswith("all device checks passed")
+
+
+@pytest.mark.slow
+def test_device_performance_script_runs_every_step_on_small_sizes():
+    out = _gpu_check_on_cpu("--perf", "--quick")
+    errors = [float(e) for e in re.findall(r"\|fast - float64\| (\S+)", out)]
+    assert len(errors) == 2 and max(errors) < 1e-8  # W1: cka and debiased_cka, each against float64
+    for label in ("forward passes", "default (exact)", "minibatch", "spatial=mean"):
+        assert f"W2 {label}: " in out
+    assert re.search(r"ViT-B/16 12 x 12 block map, 4 images: forward \S+ s, compare \S+ s", out)
