@@ -81,7 +81,22 @@ class TrivialCorrelationWarning(RepsimWarning):
     With n samples the centered data live in an (n-1)-dimensional space; two column spaces of ranks r_x and
     r_y share at least ``r_x + r_y - (n - 1)`` directions whatever the data, and those canonical correlations
     are exactly 1 (all of them once ``p >= n - 1``). Use more samples, or reduce the dimension first (SVCCA).
+
+    ``determined`` is False when the value is not even a function of the data (PWCCA with two or more tied forced
+    correlations: its weights follow the SVD's basis of the tied variates), so code can tell the cases apart without
+    reading the message.
     """
+
+    def __init__(self, message: str, *, determined: bool = True) -> None:
+        super().__init__(message)
+        self.determined = determined
+
+    def __reduce__(self) -> tuple[object, ...]:  # keep ``determined`` through pickling (worker processes)
+        return (_trivial_correlation_warning, (str(self), self.determined))
+
+
+def _trivial_correlation_warning(message: str, determined: bool) -> TrivialCorrelationWarning:
+    return TrivialCorrelationWarning(message, determined=determined)
 
 
 class PluginLoadWarning(RepsimWarning):

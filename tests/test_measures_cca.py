@@ -4,6 +4,7 @@ orthonormal bases the package uses), plus the relations and degenerate cases of 
 from __future__ import annotations
 
 import itertools
+import pickle
 import warnings
 
 import numpy as np
@@ -203,15 +204,18 @@ def test_pwcca_with_tied_forced_correlations_says_its_value_is_not_determined():
     X = torch.randn(10, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 8, generator=g, dtype=torch.float64)
     Y = torch.tanh(X[:, :4]) + 0.5 * torch.randn(10, 4, generator=g, dtype=torch.float64)
     pwcca = rp.measures.make("pwcca")
-    with pytest.warns(TrivialCorrelationWarning, match="3 of the 4 .* not determined by the data"):
+    with pytest.warns(TrivialCorrelationWarning, match="3 of the 4 .* not determined by the data") as tied:
         a = float(pwcca(X, Y))
+    assert tied[0].message.determined is False
+    restored = pickle.loads(pickle.dumps(tied[0].message))  # as it crosses to a worker process
+    assert (str(restored), restored.determined) == (str(tied[0].message), False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrivialCorrelationWarning)
         moved = [abs(float(pwcca(X + shift, Y)) - a) for shift in (1e-12, 1e-9, 3.0)]
     assert max(moved) > 1e-6  # translation invariant in exact arithmetic; here rounding alone moves it
     with pytest.warns(TrivialCorrelationWarning) as seen:  # mean CCA is determined: no such sentence
         rp.measures.make("cca")(X, Y)
-    assert "not determined" not in str(seen[0].message)
+    assert "not determined" not in str(seen[0].message) and seen[0].message.determined
 
 
 def test_pwcca_with_one_forced_correlation_is_determined():
@@ -219,7 +223,7 @@ def test_pwcca_with_one_forced_correlation_is_determined():
     X, Y = rng.standard_normal((12, 8)), rng.standard_normal((12, 4))  # 8 + 4 - 11 = 1 forced
     with pytest.warns(TrivialCorrelationWarning, match="1 of the 4") as seen:
         value("pwcca", X, Y)
-    assert "not determined" not in str(seen[0].message)
+    assert "not determined" not in str(seen[0].message) and seen[0].message.determined
 
 
 def test_svcca_dims_beyond_the_rank_is_a_clear_error():

@@ -75,18 +75,19 @@ PWCCA_TIED = (
 
 def warn_if_trivial(n: int, rank_x: int, rank_y: int, what: str = "canonical correlations", *, tied: str = "") -> None:
     """Warn when the sample count forces ``rank_x + rank_y - (n - 1)`` correlations to 1; ``tied`` is added when
-    two or more are forced (their canonical variates are then any basis of a shared subspace)."""
+    two or more are forced (their canonical variates are then any basis of a shared subspace), and the warning's
+    ``determined`` is then False."""
     forced = rank_x + rank_y - (n - 1)
     if forced > 0:
         total = min(rank_x, rank_y)
-        warnings.warn(
+        undetermined = bool(tied) and min(forced, total) >= 2
+        message = (
             f"with n={n} samples and ranks {rank_x} / {rank_y}, {min(forced, total)} of the {total} {what} "
             f"equal 1 whatever the data (rank X + rank Y > n - 1 = {n - 1}), so the value is inflated. "
             "Use more samples than features, or reduce the dimension first (e.g. make('svcca', dims=...))."
-            + (tied if min(forced, total) >= 2 else ""),
-            TrivialCorrelationWarning,
-            stacklevel=caller_stacklevel(),
+            + (tied if undetermined else "")
         )
+        warnings.warn(TrivialCorrelationWarning(message, determined=not undetermined), stacklevel=caller_stacklevel())
 
 
 def _correlations_from_bases(Ux: torch.Tensor, Uy: torch.Tensor) -> torch.Tensor:
