@@ -217,9 +217,9 @@ def _w2_child(config: str, quick: bool) -> dict[str, Any]:
         with torch.no_grad():
             widths = [int(h.flatten(1).shape[1]) for m in models for h in _w2_layer_rows(m, data[0][:2])]
         rows = [torch.randn(len(images), d, generator=g) for d in widths]
-        from repsim_plugin._utils.gemm import _inner_product
+        from repsim_plugin._utils.gemm import onednn_inner_product
 
-        inner = _inner_product() if config == W2_GEMM_BOUND_ONEDNN else None
+        inner = onednn_inner_product() if config == W2_GEMM_BOUND_ONEDNN else None
         if config == W2_GEMM_BOUND_ONEDNN and inner is None:
             raise RuntimeError("this torch has no float32-exact oneDNN inner product")
         product = (lambda a, b: a @ b.T) if inner is None else inner

@@ -34,7 +34,7 @@ def _within_float32(got: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool
 @needs_onednn
 def test_long_dense_products_take_onednn_and_stay_float32_exact(onednn_on):
     a, b = _pair(40, 24, K)
-    inner = gemm._inner_product()
+    inner = gemm.onednn_inner_product()
     assert inner is not None
     assert not torch.equal(inner(a, b), a @ b.T)  # the two libraries round differently: the path can be told
     for x, y in ((a, b), (a.T.contiguous().T, b), (a, b.T.contiguous().T)):  # row-major and transposed layouts
@@ -155,7 +155,7 @@ def test_a_refused_call_falls_back_to_torch_product(monkeypatch):
     def refuses(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("could not create a primitive descriptor")
 
-    monkeypatch.setattr(gemm, "_inner_product", lambda: refuses)
+    monkeypatch.setattr(gemm, "onednn_inner_product", lambda: refuses)
     monkeypatch.setattr(gemm, "uses_onednn", lambda: True)
     a, b = _pair(8, 8, K)
     assert torch.equal(gemm.product_t(a, b), a @ b.T)

@@ -40,7 +40,7 @@ Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @functools.lru_cache(maxsize=1)
-def _inner_product() -> Product | None:
+def onednn_inner_product() -> Product | None:
     """oneDNN's dense inner product ``(a, b) -> a @ b.T``, or None where this torch lacks it or it is not exact."""
     if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
         return None  # measured on x86-64 only: elsewhere (ARM's oneDNN builds) torch's BLAS is kept
@@ -88,7 +88,7 @@ def uses_onednn() -> bool:
 
 def available() -> bool:
     """Whether this machine and torch have a float32-accurate oneDNN inner product (x86-64, checked at first use)."""
-    return _inner_product() is not None
+    return onednn_inner_product() is not None
 
 
 def dense(t: torch.Tensor) -> bool:
@@ -109,7 +109,7 @@ def product_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
         and all(t.dtype == torch.float32 and t.device.type == "cpu" and dense(t) for t in (a, b))
     )
-    inner = _inner_product() if eligible and uses_onednn() else None
+    inner = onednn_inner_product() if eligible and uses_onednn() else None
     if inner is not None:
         try:
             return inner(a, b)
