@@ -26,10 +26,9 @@ from captum.attr import IntegratedGradients
 from captum.robust import Perturbation
 from torch import nn
 
+from ._captum_layers import CaptumLayers, as_tuple
 from ._utils.batches import train_flags_kept
 from ._utils.checks import Choice, Float, Int, Optional, check_params
-from .capture import capture, reduce_output
-from .capture.policies import infer_layout
 from .errors import NonFiniteInputError, RepsimError
 from .measures import Measure, make
 from .results import SimilarityMap, state_dict_fingerprint
@@ -44,114 +43,11 @@ __all__ = [
 ]
 
 
-# --- shared helpers ------------------------------------------------------------------------------------------------
-
-
-def _as_tuple(value: Any) -> tuple[Any, ...]:
-    if value is None:
-        return ()
-    return value if isinstance(value, tuple) else (value,)
-
-
-def _layers(layer: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
-    layers = [layer] if isinstance(layer, nn.Module) else list(layer)
-    if not layers or not all(isinstance(m, nn.Module) for m in layers):
-        raise RepsimError("layer must be a module or a non-empty list of modules (captum's convention: the objects).")
-    return layers
-
-
-class _Call(nn.Module):
-    """A module whose forward is ``forward_func``, holding the layers so that the capture can hook them when
-    ``forward_func`` is a plain function (the layers' own modules are not changed)."""
-
-    def __init__(self, forward_func: Callable[..., Any], layers: list[nn.Module]) -> None:
-        super().__init__()
-        self.fn = forward_func
-        self.held = nn.ModuleList(layers)
-
-    def forward(self, *args: Any) -> Any:
-        return self.fn(*args)
-
-
-class _Layers:
-    """Rows of captum-style ``layer`` modules when ``forward_func(*inputs, *additional_forward_args)`` runs."""
-
-    def __init__(self, forward_func: Callable[..., Any], layer: Any, capture_options: dict[str, Any]) -> None:
-        if not callable(forward_func):
-            raise RepsimError(f"forward_func must be a model or a callable, got {type(forward_func).__name__}.")
-        self.forward_func = forward_func
-        self.modules = _layers(layer)
-        self.root: nn.Module = (
-            forward_func if isinstance(forward_func, nn.Module) else _Call(forward_func, self.modules)
-        )
-        owned = {id(m): name for name, m in self.root.named_modules()}
-        missing = [type(m).__name__ for m in self.modules if id(m) not in owned]
-        if missing:
-            raise RepsimError(
-                f"layer(s) {missing} are not submodules of the forward_func model; pass modules of that model."
-            )
-        #: module names inside ``root`` (the capture's keys) and the names shown in results
-        self.keys = [owned[id(m)] for m in self.modules]
-        if isinstance(forward_func, nn.Module):
-            self.names = [key or type(forward_func).__name__ for key in self.keys]
-        else:
-            self.names = [f"{type(m).__name__}_{i}" for i, m in enumerate(self.modules)]
-        self.capture_options = capture_options
-
-    def run(
-        self, inputs: Any, additional_forward_args: Any, *, grad: bool = False, layer_input: bool = False
-    ) -> tuple[dict[str, torch.Tensor], Any]:
-        """``({layer name: (n, d) rows}, forward output)``; rows keep autograd when ``grad``."""
-        args = (*_as_tuple(inputs), *_as_tuple(additional_forward_args))
-        if not layer_input:
-            with capture(self.root, self.modules, grad=grad, **self.capture_options) as rec:
-                out = self.root(*args)
-            found = rec.activations
-            repeated = [key for key in self.keys if key not in found]
-            if repeated:
-                raise RepsimError(
-                    f"layer(s) {repeated} ran more than once per forward; compare them with rp.compare (name#k)."
-                )
-            return {name: found[key] for name, key in zip(self.names, self.keys, strict=True)}, out
-        return self._inputs_of_layers(args, grad)
-
-    def _inputs_of_layers(self, args: tuple[Any, ...], grad: bool) -> tuple[dict[str, torch.Tensor], Any]:
-        seen: dict[str, torch.Tensor] = {}
-
-        def keep(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-            def hook(module: nn.Module, hook_args: tuple[Any, ...]) -> None:
-                if name in seen:
-                    raise RepsimError(f"layer {name!r} ran more than once per forward; its input is ambiguous.")
-                if not hook_args or not isinstance(hook_args[0], torch.Tensor):
-                    raise RepsimError(f"layer {name!r} received no tensor as its first input.")
-                seen[name] = hook_args[0]
-
-            return hook
-
-        handles = [m.register_forward_pre_hook(keep(n)) for n, m in zip(self.names, self.modules, strict=True)]
-        try:
-            with torch.set_grad_enabled(grad or torch.is_grad_enabled()):
-                out = self.root(*args)
-        finally:
-            for handle in handles:
-                handle.remove()
-        tokens = self.capture_options.get("tokens", "mean")
-        spatial = self.capture_options.get("spatial", "flatten")
-        rows = {}
-        for name in self.names:
-            if name not in seen:
-                raise RepsimError(f"layer {name!r} never ran during forward_func; pass a layer the forward uses.")
-            t = seen[name] if grad else seen[name].detach()
-            layout = infer_layout(t, None, "NCHW", False, name)
-            rows[name] = reduce_output(t, layout, tokens=tokens, spatial=spatial, layer=name)
-        return rows, out
+# --- LayerSimilarity -----------------------------------------------------------------------------------------------
 
 
 def _fingerprint(forward_func: Any) -> str | None:
     return state_dict_fingerprint(forward_func) if isinstance(forward_func, nn.Module) else None
-
-
-# --- LayerSimilarity -----------------------------------------------------------------------------------------------
 
 
 class LayerSimilarity:
@@ -169,7 +65,7 @@ class LayerSimilarity:
         **capture_options: Any,
     ) -> None:
         self.measure = make(measure)
-        self._layers = _Layers(forward_func, layer, capture_options)
+        self._layers = CaptumLayers(forward_func, layer, capture_options)
         self.forward_func = forward_func
 
     @property
@@ -294,7 +190,7 @@ class RepresentationShift(Perturbation):
             raise RepsimError(f"{self.measure.id} is not differentiable; RepresentationShift needs e.g. 'cka'.")
         self.measure.check_target(target)
         self.forward_func = forward_func
-        self._layers = _Layers(forward_func, [layer], capture_options)
+        self._layers = CaptumLayers(forward_func, [layer], capture_options)
         self.target, self.epsilon, self.steps, self.norm = float(target), float(epsilon), int(steps), norm
         self.step_size, self.keep_weight = step_size, float(keep_weight)
         self.bounds = (lower_bound, upper_bound)
@@ -399,7 +295,7 @@ class RepresentationShift(Perturbation):
 
 
 def _attribution_rows(attributions: Any, name: str) -> torch.Tensor:
-    parts = [a.detach().reshape(a.shape[0], -1) for a in _as_tuple(attributions)]
+    parts = [a.detach().reshape(a.shape[0], -1) for a in as_tuple(attributions)]
     if not parts:
         raise RepsimError(f"the attribution method of {name} returned nothing.")
     rows = torch.cat(parts, dim=1).to(torch.float64)
@@ -435,7 +331,7 @@ class AttributionSimilarity:
 
     def rows(self, inputs: Any, **attribute_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The (n, d) attribution rows of both methods on the same inputs."""
-        for x in _as_tuple(inputs):
+        for x in as_tuple(inputs):
             if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
                 bad = int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).sum())
                 raise NonFiniteInputError(
@@ -473,7 +369,7 @@ def attribution_change(
         )
     if target is None:
         with torch.no_grad(), train_flags_kept(model_a) if isinstance(model_a, nn.Module) else contextlib.nullcontext():
-            out = model_a(*_as_tuple(inputs), *_as_tuple(attribute_kwargs.get("additional_forward_args")))
+            out = model_a(*as_tuple(inputs), *as_tuple(attribute_kwargs.get("additional_forward_args")))
         if isinstance(out, torch.Tensor) and out.dim() == 2:
             target = out.argmax(dim=1)
     similarity = AttributionSimilarity(attribution(model_a), attribution(model_b), measure)
