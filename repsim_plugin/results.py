@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._map_fields import (
+    as_matrix,
+    confidence_level,
+    interval_pair,
+    json_ready,
+    layer_names,
+    matrix_to_json,
+    probability_matrix,
+)
 from ._utils.checks import Bool, Constraint, Float, Int, Optional, Where, check_params
 from ._utils.io import write_text
 from ._utils.plotting import save_figure as save_figure  # was defined here; kept importable
 from ._utils.suggest import did_you_mean
-from .errors import InputDtypeError, InputShapeError, NonFiniteInputError, RepsimError, UnknownNameError
+from .errors import InputShapeError, RepsimError, UnknownNameError
 
 __all__ = ["ESTIMATORS", "SCHEMA", "SCHEMA_VERSION", "SimilarityMap", "collect_versions", "state_dict_fingerprint"]
 
@@ -120,75 +128,6 @@ def state_dict_fingerprint(model_or_state_dict: torch.nn.Module | Mapping[str, t
     return "sha256:" + h.hexdigest()
 
 
-# --- validation helpers -----------------------------------------------------------------------------------------------
-
-
-def _as_matrix(value: Any, name: str, shape: tuple[int, int]) -> torch.Tensor:
-    if (isinstance(value, torch.Tensor) and value.dtype == torch.bool) or (
-        isinstance(value, np.ndarray) and value.dtype == np.bool_
-    ):
-        raise InputDtypeError(f"{name} is a boolean matrix; a similarity map holds numbers (e.g. values.double()).")
-    try:
-        t = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise InputShapeError(f"{name} must be a (La, Lb) matrix of numbers: {err}") from None
-    t = t.cpu().clone()
-    if t.ndim != 2 or tuple(t.shape) != shape:
-        raise InputShapeError(
-            f"{name} has shape {tuple(t.shape)}, but there are {shape[0]} layers_a and {shape[1]} layers_b: it must "
-            f"be {shape} (rows = layers_a, columns = layers_b)."
-        )
-    if not bool(torch.isfinite(t).all()):
-        bad = (~torch.isfinite(t)).nonzero()[0].tolist()
-        raise NonFiniteInputError(
-            f"{name} contains NaN or Inf (first at row {bad[0]}, column {bad[1]}); a similarity map holds finite "
-            "values only: find the failing layer pair instead of storing a placeholder."
-        )
-    return t
-
-
-def _layer_names(names: Any, side: str) -> list[str]:
-    if isinstance(names, str) or not isinstance(names, Sequence):
-        raise InputShapeError(f"layers_{side} must be a list of layer names, got {type(names).__name__}.")
-    out = []
-    for name in names:
-        if not isinstance(name, str):
-            raise InputShapeError(f"layers_{side} must hold strings, got {name!r} ({type(name).__name__}).")
-        out.append(name)
-    dup = sorted({n for n in out if out.count(n) > 1})
-    if dup:
-        raise InputShapeError(f"layers_{side} has duplicate names {dup}; each row / column needs its own name.")
-    if not out:
-        raise InputShapeError(f"layers_{side} is empty; a map needs at least one layer per side.")
-    return out
-
-
-def _json_ready(value: Any, where: str) -> Any:
-    """Check that a metadata value survives JSON exactly (no NaN, no arbitrary objects)."""
-    if value is None or isinstance(value, (bool, str, int)):
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise NonFiniteInputError(f"{where} is {value}; JSON metadata must be finite.")
-        return value
-    if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise RepsimError(f"{where} has a non-string key {k!r}; JSON object keys are strings.")
-            out[k] = _json_ready(v, f"{where}[{k!r}]")
-        return out
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    raise RepsimError(
-        f"{where} is a {type(value).__name__}; metadata must be JSON data (str, int, float, bool, None, lists, dicts)."
-    )
-
-
-def _matrix_to_json(t: torch.Tensor) -> list[list[float]]:
-    return [[float(v) for v in row] for row in t.tolist()]
-
-
 # --- the map --------------------------------------------------------------------------------------------------------
 
 
@@ -224,10 +163,10 @@ class SimilarityMap:
     null_baseline: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        self.layers_a = _layer_names(self.layers_a, "a")
-        self.layers_b = _layer_names(self.layers_b, "b")
+        self.layers_a = layer_names(self.layers_a, "a")
+        self.layers_b = layer_names(self.layers_b, "b")
         shape = (len(self.layers_a), len(self.layers_b))
-        self.values = _as_matrix(self.values, "values", shape)
+        self.values = as_matrix(self.values, "values", shape)
         if not isinstance(self.measure, str) or not self.measure:
             raise RepsimError(f"measure must be a non-empty id string, got {self.measure!r}.")
         if not isinstance(self.estimator, str) or not self.estimator:
@@ -238,35 +177,20 @@ class SimilarityMap:
             self.dtype = str(self.dtype).replace("torch.", "")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise RepsimError(f"seed must be an int or None, got {self.seed!r}.")
-        self.reduction = _json_ready(dict(self.reduction), "reduction")
-        self.fingerprints = _json_ready(dict(self.fingerprints), "fingerprints")
-        self.versions = _json_ready(dict(self.versions), "versions")
-        self.extra = _json_ready(dict(self.extra), "extra")
+        self.reduction = json_ready(dict(self.reduction), "reduction")
+        self.fingerprints = json_ready(dict(self.fingerprints), "fingerprints")
+        self.versions = json_ready(dict(self.versions), "versions")
+        self.extra = json_ready(dict(self.extra), "extra")
         if self.intervals is not None:
-            if not isinstance(self.intervals, (tuple, list)) or len(self.intervals) != 2:
-                raise InputShapeError("intervals must be a (low, high) pair of matrices shaped like values.")
-            low = _as_matrix(self.intervals[0], "intervals[0] (low)", shape)
-            high = _as_matrix(self.intervals[1], "intervals[1] (high)", shape)
-            if bool((low > high).any()):
-                raise RepsimError("intervals: some low bounds exceed their high bounds; pass (low, high) in order.")
-            self.intervals = (low, high)
+            self.intervals = interval_pair(self.intervals, shape)
         if self.interval_level is not None:
-            if isinstance(self.interval_level, bool) or not isinstance(self.interval_level, int | float):
-                raise RepsimError(f"interval_level must be a number in (0, 1), e.g. 0.95, got {self.interval_level!r}.")
-            level = float(self.interval_level)
-            if not 0.0 < level < 1.0:
-                raise RepsimError(f"interval_level must lie in (0, 1), e.g. 0.95, got {self.interval_level!r}.")
-            self.interval_level = level
+            self.interval_level = confidence_level(self.interval_level)
         if self.p_values is not None:
-            self.p_values = _as_matrix(self.p_values, "p_values", shape)
-            if bool(((self.p_values < 0) | (self.p_values > 1)).any()):
-                raise RepsimError("p_values must lie in [0, 1].")
+            self.p_values = probability_matrix(self.p_values, "p_values", shape)
         if self.q_values is not None:
-            self.q_values = _as_matrix(self.q_values, "q_values", shape)
-            if bool(((self.q_values < 0) | (self.q_values > 1)).any()):
-                raise RepsimError("q_values must lie in [0, 1].")
+            self.q_values = probability_matrix(self.q_values, "q_values", shape)
         if self.null_baseline is not None:
-            self.null_baseline = _as_matrix(self.null_baseline, "null_baseline", shape)
+            self.null_baseline = as_matrix(self.null_baseline, "null_baseline", shape)
 
     # --- access ---
     @property
@@ -324,7 +248,7 @@ class SimilarityMap:
             "estimator": self.estimator,
             "layers_a": list(self.layers_a),
             "layers_b": list(self.layers_b),
-            "values": _matrix_to_json(self.values),
+            "values": matrix_to_json(self.values),
             "reduction": dict(self.reduction),
             "n": self.n,
             "dtype": self.dtype,
@@ -333,12 +257,12 @@ class SimilarityMap:
             "versions": dict(self.versions),
             "intervals": None
             if self.intervals is None
-            else {"low": _matrix_to_json(self.intervals[0]), "high": _matrix_to_json(self.intervals[1])},
+            else {"low": matrix_to_json(self.intervals[0]), "high": matrix_to_json(self.intervals[1])},
             "interval_level": self.interval_level,
-            "p_values": None if self.p_values is None else _matrix_to_json(self.p_values),
-            "q_values": None if self.q_values is None else _matrix_to_json(self.q_values),
+            "p_values": None if self.p_values is None else matrix_to_json(self.p_values),
+            "q_values": None if self.q_values is None else matrix_to_json(self.q_values),
             "extra": dict(self.extra),
-            "null_baseline": None if self.null_baseline is None else _matrix_to_json(self.null_baseline),
+            "null_baseline": None if self.null_baseline is None else matrix_to_json(self.null_baseline),
         }
 
     @classmethod

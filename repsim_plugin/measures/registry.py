@@ -11,8 +11,6 @@ from __future__ import annotations
 import fnmatch
 import functools
 import importlib
-import threading
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +18,8 @@ from typing import Any
 import torch
 
 from .._utils.inputs import prepare_pair
-from .._utils.suggest import did_you_mean
-from ..errors import DegenerateInputError, PluginLoadWarning, RepsimError, UnknownNameError
+from ..errors import DegenerateInputError, RepsimError, UnknownNameError
+from ._store import Registry
 from .ids import Spec, from_similarity_repository
 
 INVARIANCES = frozenset({"orthogonal", "isotropic_scaling", "translation", "invertible_linear", "permutation"})
@@ -250,38 +248,7 @@ def _copy(measure: Measure, **changes: Any) -> Measure:
 
 Builder = Callable[[dict[str, Any]], Measure]
 
-
-class _Registry:
-    def __init__(self) -> None:
-        self.measures: dict[str, Measure] = {}
-        self.families: dict[str, Builder] = {}
-        #: per family: a parameter given to make() -> the id parameters it replaces (e.g. debiased -> hsic)
-        self.replaces: dict[str, dict[str, tuple[str, ...]]] = {}
-        self.aliases: dict[str, str] = {}
-        self.plugins_loaded = False
-        self.lock = threading.RLock()
-
-    def add(self, measure: Measure, aliases: Iterable[str] = (), overwrite: bool = False) -> None:
-        with self.lock:
-            if measure.id in self.measures and not overwrite:
-                raise RepsimError(
-                    f"a measure with id {measure.id!r} is already registered; pass overwrite=True to replace it."
-                )
-            self.measures[measure.id] = measure
-            for alias in aliases:
-                self.add_alias(alias, measure.id, overwrite=overwrite)
-
-    def add_alias(self, alias: str, target: str, overwrite: bool = False) -> None:
-        current = self.aliases.get(alias)
-        if current is not None and current != target and not overwrite:
-            raise RepsimError(f"alias {alias!r} already points to {current!r}; pass overwrite=True to change it.")
-        self.aliases[alias] = target
-
-    def known_names(self) -> list[str]:
-        return sorted({*self.measures, *self.aliases, *self.families})
-
-
-_REGISTRY = _Registry()
+_REGISTRY: Registry[Measure] = Registry()
 
 
 def register(
@@ -358,38 +325,12 @@ def register_family(
     ``replaces`` maps a convenience parameter of :func:`make` to the id parameters it overrides, so that
     ``make("cka", debiased=True)`` replaces the alias's ``hsic=gretton`` instead of contradicting it.
     """
-    with _REGISTRY.lock:
-        if name in _REGISTRY.families and not overwrite:
-            raise RepsimError(f"a measure family {name!r} is already registered; pass overwrite=True.")
-        _REGISTRY.families[name] = build
-        _REGISTRY.replaces[name] = {k: tuple(v) for k, v in (replaces or {}).items()}
-        for params in variants:
-            _REGISTRY.add(build(dict(params)), overwrite=overwrite)
-        for alias, params in (aliases or {}).items():
-            measure = build(dict(params))
-            if measure.id not in _REGISTRY.measures:
-                _REGISTRY.add(measure, overwrite=overwrite)
-            _REGISTRY.add_alias(alias, measure.id, overwrite=overwrite)
+    _REGISTRY.add_family(name, build, variants, aliases or {}, replaces or {}, overwrite)
 
 
 def unregister(id_or_alias: str) -> None:
     """Remove a measure (and the aliases pointing at it) or a single alias."""
-    with _REGISTRY.lock:
-        if id_or_alias in _REGISTRY.aliases:
-            del _REGISTRY.aliases[id_or_alias]
-            return
-        if id_or_alias not in _REGISTRY.measures:
-            raise _unknown(id_or_alias)
-        del _REGISTRY.measures[id_or_alias]
-        for alias in [a for a, t in _REGISTRY.aliases.items() if t == id_or_alias]:
-            del _REGISTRY.aliases[alias]
-
-
-def _unknown(name: str) -> UnknownNameError:
-    return UnknownNameError(
-        f"unknown measure {name!r}.{did_you_mean(name, _REGISTRY.known_names())} `repsim measures` or "
-        "rp.measures.list() shows every registered id."
-    )
+    _REGISTRY.remove(id_or_alias)
 
 
 def make(id_or_alias: str | Measure, **params: Any) -> Measure:
@@ -421,7 +362,7 @@ def _make(name: str, params: dict[str, Any]) -> Measure:
     try:
         spec = Spec.parse(target)
     except RepsimError:
-        raise _unknown(name) from None
+        raise _REGISTRY.unknown(name) from None
     build = _REGISTRY.families.get(spec.name)
     if build is not None:
         merged = dict(spec.params)
@@ -438,7 +379,7 @@ def _make(name: str, params: dict[str, Any]) -> Measure:
         return measure
     if target in _REGISTRY.measures:
         return _bind(_REGISTRY.measures[target], params)
-    raise _unknown(name)
+    raise _REGISTRY.unknown(name)
 
 
 def _bind(measure: Measure, params: dict[str, Any]) -> Measure:
@@ -472,27 +413,4 @@ def load_plugins(force: bool = False) -> list[str]:
     registers measures itself. A plugin that fails to load becomes a :class:`PluginLoadWarning`; the rest of the
     registry keeps working. Returns the names of the entry points loaded successfully.
     """
-    from importlib.metadata import entry_points
-
-    with _REGISTRY.lock:
-        if _REGISTRY.plugins_loaded and not force:
-            return []
-        _REGISTRY.plugins_loaded = True
-        loaded = []
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            try:
-                obj = ep.load()
-                if isinstance(obj, Measure):
-                    _REGISTRY.add(obj, overwrite=force)
-                elif callable(obj):
-                    obj()
-                else:
-                    raise TypeError(f"it names a {type(obj).__name__}, not a Measure or a registration function")
-                loaded.append(ep.name)
-            except Exception as exc:  # a broken plugin must not break the registry
-                warnings.warn(
-                    f"measure plugin {ep.name!r} ({ep.value}) could not be loaded and is skipped: {exc!r}",
-                    PluginLoadWarning,
-                    stacklevel=2,
-                )
-        return loaded
+    return _REGISTRY.load_plugins(ENTRY_POINT_GROUP, Measure, force)
