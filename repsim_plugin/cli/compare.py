@@ -47,22 +47,35 @@ EXAMPLES = """examples:
 """
 
 
+#: The subcommand's description (``repsim compare --help``).
+DESCRIPTION = textwrap.fill(
+    "Run the same data through two models (or several checkpoints of one) and write the layer x layer "
+    "similarity map as JSON and PNG, with each layer's best match on the console next to what unrelated "
+    "features of that shape would read. Models: timm:NAME (pretrained=False), hf:PATH (a local folder), "
+    "module:pkg.mod:factory, each optionally followed by ,key=value arguments. Data: a folder of images, a "
+    ".txt file with one sentence per line (hf: models), or a .pt / .npy tensor file. The default measure "
+    f"is {DEFAULT_MEASURE}: biased CKA reads close to 1 for unrelated wide layers on few samples."
+)
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``compare`` subcommand to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
     cmp = subparsers.add_parser(
         "compare",
         help="layer x layer similarity map of two models or of checkpoints",
-        description=textwrap.fill(
-            "Run the same data through two models (or several checkpoints of one) and write the layer x layer "
-            "similarity map as JSON and PNG, with each layer's best match on the console next to what unrelated "
-            "features of that shape would read. Models: timm:NAME (pretrained=False), hf:PATH (a local folder), "
-            "module:pkg.mod:factory, each optionally followed by ,key=value arguments. Data: a folder of images, a "
-            ".txt file with one sentence per line (hf: models), or a .pt / .npy tensor file. The default measure "
-            f"is {DEFAULT_MEASURE}: biased CKA reads close to 1 for unrelated wide layers on few samples."
-        ),
+        description=DESCRIPTION,
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_inputs(cmp)
+    _add_estimate(cmp)
+    _add_outputs(cmp)
+    cmp.set_defaults(func=cmd_compare)
+    return cmp
+
+
+def _add_inputs(cmp: argparse.ArgumentParser) -> None:
+    """What is compared: the models or the checkpoints, the data, and the layers."""
     cmp.add_argument("--model-a", help="timm:NAME, hf:PATH or module:pkg.mod:factory")
     cmp.add_argument(
         "--model-b", help="as --model-a (default: model A itself, or its architecture with --checkpoint-b)"
@@ -79,6 +92,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--layers-a", nargs="+", help="layer names or globs (default: the adapter's blocks; see `repsim layers`)"
     )
     cmp.add_argument("--layers-b", nargs="+", help="layer names or globs for model B (default: as for A)")
+
+
+def _add_estimate(cmp: argparse.ArgumentParser) -> None:
+    """How the map is computed: the measure and estimator, the reductions, the batches, the permutations, the seed."""
     cmp.add_argument(
         "--measure",
         default=DEFAULT_MEASURE,
@@ -113,6 +130,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=int,
         help="seed of the models the command builds and of the permutations, recorded (default: none)",
     )
+
+
+def _add_outputs(cmp: argparse.ArgumentParser) -> None:
+    """What the run writes and shows: the map files, the report, the state file to resume from, the progress bar."""
     cmp.add_argument(
         "--out", default="repsim-map", help="output path without suffix: writes .json and .png (default: repsim-map)"
     )
@@ -129,8 +150,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="with --resume-from: save every K batches (default: adaptive, under ~5%% of the run time)",
     )
     cmp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    cmp.set_defaults(func=cmd_compare)
-    return cmp
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ The data flow is one pass over the data (:mod:`.engine`): every batch goes throu
 every requested layer at the same time), and every layer pair's statistics are updated from those rows. Linear
 CKA streams from exact float64 sufficient statistics (memory O(d^2) per layer pair, never O(n d)); the estimator
 actually used is chosen under a memory budget (:mod:`.plan`) and recorded in the result, and an approximate
-choice is announced with a warning.
+choice is announced with a warning. :mod:`._maps` runs the pass and turns each pair into its map.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._utils import dist
 from .._utils.batches import check_data
 from .._utils.checks import Bool, Instance, Int, Optional, Where, check_params
 from .._utils.heap import with_retained_heap
@@ -25,12 +24,11 @@ from .._utils.io import load_state_dict
 from ..capture import Recorder
 from ..errors import RepsimError
 from ..measures import Measure, make
-from ..nulls import null_baseline_map
 from ..results import SimilarityMap
 from ..trajectory import Trajectory
-from .engine import Engine, Pair, Side, make_side, run
-from .plan import DEFAULT_MEMORY_BUDGET, parse_bytes
-from .resume import open_resume
+from ._maps import pair_map, resumed, run_pass
+from .engine import Pair, Side, make_side
+from .plan import DEFAULT_MEMORY_BUDGET
 
 __all__ = ["COMPARE_PARAMS", "checkpoint_trajectory", "compare", "compare_checkpoints", "load_checkpoint"]
 
@@ -63,56 +61,6 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return load_state_dict(path)
 
 
-def _null(engine: Engine, pair: Pair, names: tuple[list[str], list[str]], n: int) -> tuple[Any, str]:
-    """The null baseline of every cell, from the layers' widths in the last batch's rows (see :mod:`..nulls`)."""
-    rows_a, rows_b = engine.rows(pair)
-    try:
-        dims_a = [int(rows_a[name].shape[1]) for name in names[0]]
-        dims_b = [int((rows_a if rows_b is None else rows_b)[name].shape[1]) for name in names[1]]
-    except KeyError:
-        return None, "no null baseline: the layers' widths were not available"
-    return null_baseline_map(engine.measure, n, dims_a, dims_b)
-
-
-def _result(engine: Engine, pair: Pair, *, seed: int | None, extra: Mapping[str, Any]) -> SimilarityMap:
-    values, names_a, names_b = engine.compute(pair)
-    n = dist.global_count(engine.sides[pair.i].n - engine.skipped_rows)
-    null, null_note = _null(engine, pair, (names_a, names_b), n)
-    side_a, side_b = engine.sides[pair.i], engine.sides[pair.j]
-    policy_a, policy_b = side_a.recorder.policy, side_b.recorder.policy
-    reduction = dict(policy_a) if policy_a == policy_b else {"a": policy_a, "b": policy_b}
-    assert engine.plan is not None
-    hashes = engine.data_hashes
-    return SimilarityMap(
-        values=values.to(torch.float64).cpu(),
-        layers_a=names_a,
-        layers_b=names_b,
-        measure=engine.measure.id,
-        estimator=engine.plan.estimator,
-        reduction=reduction,
-        n=n,
-        dtype=str(engine.dtype).replace("torch.", ""),
-        seed=seed,
-        fingerprints={"a": side_a.recorder.adapter.fingerprint(), "b": side_b.recorder.adapter.fingerprint()},
-        extra={
-            "model_a": side_a.label,
-            "model_b": side_b.label,
-            "estimator_reason": engine.plan.reason,
-            "data_fingerprint": _hexdigest(hashes[side_a.stream]),
-            **({"data_fingerprint_b": _hexdigest(hashes[side_b.stream])} if side_b.stream != side_a.stream else {}),
-            "world_size": dist.world_size(),
-            **({"minibatch_skipped_rows": engine.skipped_rows} if engine.skipped_rows else {}),
-            "null_baseline_note": null_note,
-            **extra,
-        },
-        null_baseline=null,
-    )
-
-
-def _hexdigest(h: Any) -> str | None:
-    return None if h is None else h.hexdigest()
-
-
 def _as_list(layers: Any) -> list[Any] | None:
     if layers is None:
         return None
@@ -127,11 +75,14 @@ def _sides_for(
     layers_a: Any,
     layers_b: Any,
     capture_args: Mapping[str, Any],
-    labels: tuple[str, str],
+    names: tuple[str, str] | None,
     adapters: tuple[Any, Any],
     two_streams: bool,
 ) -> tuple[list[Side], Pair]:
     """The sides and the pair of one comparison; a model with itself runs once per batch on one recorder."""
+    labels = (
+        (names[0], names[1]) if names else (f"{type(model_a).__name__} (a)", f"{type(model_b or model_a).__name__} (b)")
+    )
     if (model_b is None or model_b is model_a) and not two_streams:
         list_a, list_b = _as_list(layers_a), _as_list(layers_b)
         if list_b is None or list_b == list_a:
@@ -203,65 +154,44 @@ def compare(
     for every cell). Both need the sample-space estimator of linear CKA (chosen for you under ``estimator="auto"``);
     ``seed`` (0 when None) seeds them and is recorded.
     """
-    check_params(
-        COMPARE_PARAMS,
-        progress=progress,
-        max_batches=max_batches,
-        seed=seed,
-        fingerprint_data=fingerprint_data,
-        estimator=estimator,
-        names=names,
-        permutations=permutations,
-        bootstrap=bootstrap,
-    )
-    check_data(data)
-    if data_b is not None:
-        check_data(data_b, "data_b")
+    _check_options(
+        data, data_b, progress=progress, max_batches=max_batches, seed=seed, fingerprint_data=fingerprint_data,
+        estimator=estimator, names=names, permutations=permutations, bootstrap=bootstrap,
+    )  # fmt: skip
     m = make(measure)
     with_stats = permutations is not None or bootstrap is not None
-    forced = with_stats and estimator == "auto"
-    if with_stats:
-        estimator = stats_estimator(m, estimator)
-        seed = 0 if seed is None else seed
+    run_estimator = stats_estimator(m, estimator) if with_stats else estimator
+    seed = 0 if seed is None and with_stats else seed
     capture_args = {"tokens": tokens, "spatial": spatial, "output": output, "device": device}
-    labels = (
-        (names[0], names[1]) if names else (f"{type(model_a).__name__} (a)", f"{type(model_b or model_a).__name__} (b)")
-    )
     sides, pair = _sides_for(
-        model_a, model_b, layers_a, layers_b, capture_args, labels, (adapter_a, adapter_b), data_b is not None
+        model_a, model_b, layers_a, layers_b, capture_args, names, (adapter_a, adapter_b), data_b is not None
     )
-    budget = parse_bytes(memory_budget)
-    streams = [data] if data_b is None else [data, data_b]
-    resume = open_resume(
-        resume_from, save_every, sides, [pair], m, estimator=estimator, memory_budget=budget,
-        n_streams=len(streams), max_batches=max_batches, extra={"call": "compare"},
+    engine, resume = run_pass(
+        sides, [pair], [data] if data_b is None else [data, data_b], m, estimator=run_estimator,
+        memory_budget=memory_budget, progress=progress, max_batches=max_batches, fingerprint_data=fingerprint_data,
+        resume_from=resume_from, save_every=save_every, call="compare", keep_grams=with_stats,
     )  # fmt: skip
-    engine = run(
-        sides,
-        [pair],
-        streams,
-        m,
-        estimator=estimator,
-        memory_budget=budget,
-        progress=progress,
-        max_batches=max_batches,
-        fingerprint_data=fingerprint_data,
-        resume=resume,
-        keep_grams=with_stats,
-    )
-    result = _result(engine, pair, seed=seed, extra=_resumed(resume))
-    if forced:
-        result.extra["estimator_reason"] = "chosen for permutations= / bootstrap=: they need the kept (n, n) Grams"
+    result = pair_map(engine, pair, seed=seed, extra=resumed(resume))
     if with_stats:
-        stats_seed = 0 if seed is None else seed
-        add_statistics(
-            result, engine.accumulators[pair], permutations=permutations, bootstrap=bootstrap, seed=stats_seed
-        )
+        _fill_statistics(result, engine.accumulators[pair], estimator, permutations, bootstrap, seed)
     return result
 
 
-def _resumed(resume: Any) -> dict[str, Any]:
-    return {} if resume is None else {"resumed_batches": resume.resumed_batches}
+def _check_options(data: Iterable[Any], data_b: Iterable[Any] | None = None, **options: Any) -> None:
+    """Check ``options`` against :data:`COMPARE_PARAMS` (in the order given), then the data."""
+    check_params(COMPARE_PARAMS, **options)
+    check_data(data)
+    if data_b is not None:
+        check_data(data_b, "data_b")
+
+
+def _fill_statistics(
+    result: SimilarityMap, acc: Any, estimator: str, permutations: int | None, bootstrap: int | None, seed: int | None
+) -> None:
+    """``permutations=`` / ``bootstrap=`` of :func:`compare` (``estimator``: the one asked for) into ``result``."""
+    if estimator == "auto":
+        result.extra["estimator_reason"] = "chosen for permutations= / bootstrap=: they need the kept (n, n) Grams"
+    add_statistics(result, acc, permutations=permutations, bootstrap=bootstrap, seed=0 if seed is None else seed)
 
 
 def stats_estimator(m: Measure, estimator: str) -> str:
@@ -368,15 +298,14 @@ def compare_checkpoints(
     ``save_every`` as in :func:`compare`: one state file holds every pair's state, with each checkpoint's weights
     fingerprint (a changed checkpoint is named when the file is refused).
     """
-    check_params(
-        COMPARE_PARAMS,
+    _check_options(
+        data,
         progress=progress,
         max_batches=max_batches,
         seed=seed,
         fingerprint_data=fingerprint_data,
         estimator=estimator,
     )
-    check_data(data)
     if isinstance(checkpoints, str | Path) or not isinstance(checkpoints, Sequence):
         raise RepsimError(f"checkpoints must be a list of paths, got {type(checkpoints).__name__}.")
     paths = [Path(p) for p in checkpoints]
@@ -390,29 +319,17 @@ def compare_checkpoints(
         make_side(name, _build_from_checkpoint(build_model, path), layers, capture_args)
         for name, path in zip(names, paths, strict=True)
     ]
-    budget = parse_bytes(memory_budget)
-    resume = open_resume(
-        resume_from, save_every, sides, pairs, m, estimator=estimator, memory_budget=budget, n_streams=1,
-        max_batches=max_batches, extra={"call": "compare_checkpoints"},
+    engine, resume = run_pass(
+        sides, pairs, [data], m, estimator=estimator, memory_budget=memory_budget, progress=progress,
+        max_batches=max_batches, fingerprint_data=fingerprint_data, resume_from=resume_from, save_every=save_every,
+        call="compare_checkpoints",
     )  # fmt: skip
-    engine = run(
-        sides,
-        pairs,
-        [data],
-        m,
-        estimator=estimator,
-        memory_budget=budget,
-        progress=progress,
-        max_batches=max_batches,
-        fingerprint_data=fingerprint_data,
-        resume=resume,
-    )
     return {
-        (names[p.i], names[p.j]): _result(
+        (names[p.i], names[p.j]): pair_map(
             engine,
             p,
             seed=seed,
-            extra={"checkpoint_a": str(paths[p.i]), "checkpoint_b": str(paths[p.j]), **_resumed(resume)},
+            extra={"checkpoint_a": str(paths[p.i]), "checkpoint_b": str(paths[p.j]), **resumed(resume)},
         )
         for p in pairs
     }

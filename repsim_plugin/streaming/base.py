@@ -12,7 +12,8 @@ does. From those declarations the base derives
 with more than one rank and the state is not reduced yet, and leaves the local state untouched, so ``compute`` can
 be called mid-stream and never reduces twice. ``sync=False`` computes from the local shard only; ``sync=True``
 insists on reducing. Before any statistic travels, one tiny all-reduce checks that all ranks hold data and agree
-on the layers and options, so a mismatch raises on every rank instead of hanging.
+on the layers and options, so a mismatch raises on every rank instead of hanging. That check, and those of a
+loaded state dict, are in :mod:`._state_checks`.
 
 :class:`MapAccumulator` adds what every layer x layer map shares: ``update(acts_a, acts_b=None)`` argument checks,
 the layout fixed by the first update, ``layers_a`` / ``layers_b``, and the planning hooks
@@ -22,7 +23,6 @@ the layout fixed by the first update, ``layers_a`` / ``layers_b``, and the plann
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +35,7 @@ from .._utils.checks import Where, check_params
 from ..errors import RepsimError, StateError
 from ._reductions import COUNT, ROWS, SUM, Reduction
 from ._rows import Acts, Group, _Layout, check_acts, label_a, label_b, validate_rows
+from ._state_checks import STATE_VERSION, agree, check_header, check_sample_count, check_value
 
 __all__ = [
     "COMPUTE_PARAMS",
@@ -48,8 +49,6 @@ __all__ = [
     "Reduction",
     "check_header",
 ]
-
-STATE_VERSION = 1
 
 #: ``same`` of every map accumulator: fixed by the constructor, or by the first update when None
 SAME = Where(lambda v: v is None or isinstance(v, bool), "True, False or None", bad=("yes", 1))
@@ -71,25 +70,6 @@ class _Declared:
 
     def fresh(self) -> Any:
         return self.default() if callable(self.default) else self.default
-
-
-def _agree(fingerprint: str | None, group: Any, device: torch.device, what: str) -> None:
-    """One tiny all-reduce: every rank learns whether all ranks hold data and agree on the layout."""
-    d = dist.dist()
-    h = 0 if fingerprint is None else int.from_bytes(hashlib.sha256(fingerprint.encode()).digest()[:7], "big")
-    t = torch.tensor([h, -h, int(fingerprint is None)], dtype=torch.int64, device=device)
-    d.all_reduce(t, op=d.ReduceOp.MAX, group=group)
-    if int(t[2]) > 0:
-        raise RepsimError(
-            f"{what}.all_reduce: at least one rank has not received any batch, so its layers and feature "
-            "dimensions are unknown. Give every rank at least one batch (e.g. DistributedSampler with "
-            "drop_last=False), or merge the shards some other way."
-        )
-    if int(t[0]) != -int(t[1]):
-        raise RepsimError(
-            f"{what}.all_reduce: the ranks disagree on the layers, feature dimensions or estimator settings. "
-            "Every rank must capture the same layers with the same reductions and the same accumulator options."
-        )
 
 
 # --- the accumulator --------------------------------------------------------------------------------------------------
@@ -205,7 +185,7 @@ class Accumulator:
         self._check_not_reduced("all_reduce")
         group = self.process_group if group is None else group
         device = dist.comm_device(group, self._state_device())
-        _agree(self._fingerprint(), group, device, type(self).__name__)
+        agree(self._fingerprint(), group, device, type(self).__name__)
         with torch.no_grad():
             for d in self._declared:
                 value = getattr(self, d.name)
@@ -302,53 +282,12 @@ class Accumulator:
         the layout implies), so a corrupt state is refused at load instead of giving NaN or a broadcast map.
         """
         for d in self._declared:
-            value = getattr(self, d.name)
-            if d.reduce is COUNT:
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                    raise ValueError(f"{d.key!r} must be a non-negative int, got {value!r}")
-                continue
-            for t in _state_tensors(value):
-                if not isinstance(t, torch.Tensor):
-                    raise ValueError(f"{d.key!r} must hold tensors, got {type(t).__name__}")
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"{d.key!r} holds NaN or Inf")
-        n = getattr(self, "n", 0)  # the sample count, wherever a subclass keeps it
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"the sample count must be a non-negative int, got {n!r}")
+            check_value(d.key, getattr(self, d.name), count=d.reduce is COUNT)
+        check_sample_count(getattr(self, "n", 0))  # the sample count, wherever a subclass keeps it
         self._check_shapes()
 
     def _check_shapes(self) -> None:
         """Subclasses: raise ``ValueError`` when the loaded tensors do not have the shapes the layout implies."""
-
-
-def _state_tensors(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        return [t for v in value.values() for t in _state_tensors(v)]
-    if isinstance(value, list | tuple):
-        return [t for v in value for t in _state_tensors(v)]
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return []
-    moments = getattr(value, "t", None)  # the exact linear-CKA moments hold their tensors in .t
-    return list(moments.values()) if isinstance(moments, Mapping) else [value]
-
-
-def check_header(state: Any, kind: str) -> None:
-    """A state dict saved by the accumulator class ``kind`` in this state version."""
-    if not isinstance(state, Mapping):
-        raise RepsimError(f"a state dict must be a dict, got {type(state).__name__}.")
-    if state.get("kind") != kind:
-        raise RepsimError(
-            f"this state dict was saved from {state.get('kind')!r}, not {kind!r}; load it into the "
-            "accumulator class that saved it."
-        )
-    if state.get("version") != STATE_VERSION:
-        raise RepsimError(
-            f"state dict version {state.get('version')!r} is not supported (this is version {STATE_VERSION})."
-        )
 
 
 # --- layer x layer maps -----------------------------------------------------------------------------------------------
