@@ -260,6 +260,71 @@ def _reachable(changes: list[Change], claim: str) -> tuple[tuple[float, str], tu
     return min(kept, key=lambda t: t[0]), max(kept, key=lambda t: t[0])
 
 
+def _checked(
+    models: tuple[nn.Module, str, nn.Module, str],
+    measures: Sequence[str | Measure],
+    claim_measure: str,
+    *,
+    steps: int | None,
+    tolerance: float,
+    targets: tuple[float, float],
+    shift_options: dict[str, Any],
+) -> dict[str, Measure]:
+    """The measures to report, by alias, once every argument of :func:`audit` is checked: an unknown layer is
+    named (with the modules there are) before any work."""
+    model_a, layer_a, model_b, layer_b = models
+    check_params(AUDIT_PARAMS, model_a=model_a, model_b=model_b, layer_a=layer_a, layer_b=layer_b)
+    resolve_layers(model_a, [layer_a])
+    resolve_layers(model_b, [layer_b])
+    resolved = _resolve_measures(measures, claim_measure)
+    check_one(AUDIT_PARAMS, "steps", steps)
+    check_one(AUDIT_PARAMS, "tolerance", tolerance)
+    clash = sorted(RESERVED_SHIFT_OPTIONS & set(shift_options))
+    if clash:
+        raise RepsimError(
+            f"audit sets {', '.join(clash)} for its fine-tuning runs itself (outputs kept = top-1 agreement, or "
+            "output cosine, >= 1 - tolerance); leave them out."
+        )
+    check_one(AUDIT_PARAMS, "targets", targets)
+    return resolved
+
+
+def _evaluation_split(
+    chunks: list[Chunk], given: list[Chunk] | None, *, steps: int | None, holdout: float, seed: int
+) -> tuple[list[Chunk], list[Chunk], str]:
+    """The fine-tuning chunks, the evaluation chunks (the same list when nothing is held out) and what the
+    evaluation data are, as the report says it: ``eval_data``, else ``holdout`` of ``data`` drawn by ``seed``,
+    the same part for the claim, every change and the fine-tuning runs."""
+    if given is not None:
+        return chunks, given, "eval_data"
+    if steps == 0:  # nothing is fine-tuned: every sample is evaluation data
+        return chunks, chunks, "data (nothing fine-tuned, so nothing held out)"
+    if holdout > 0:
+        train, held, _ = hold_out(chunks, holdout, seed)
+        return train, held, f"held out from data (holdout={holdout:g}, seed={seed})"
+    return chunks, chunks, "the training data (holdout=0)"
+
+
+def _fine_tuned_rows(
+    s: AuditSetting,
+    runs: list[FineTuning],
+    bar: Any,
+    explain: torch.Tensor | None,
+    attributions: Any,
+    attribution_kwargs: dict[str, Any],
+) -> list[Change]:
+    """One row per fine-tuning run (run one after the other), with how alike the attributions stayed when asked."""
+    rows = []
+    for run in runs:
+        bar.set_description(f"audit: fine-tuning toward {run.target:g}")
+        row = run.row(s)
+        if explain is not None and run.result is not None:
+            row.attributions = _attribution_similarity(s, run.result.model, explain, attributions, attribution_kwargs)
+        rows.append(row)
+        bar.update(1)
+    return rows
+
+
 def audit(
     model_a: nn.Module,
     layer_a: str,
@@ -311,37 +376,18 @@ def audit(
         shift_kwargs: passed on to :func:`shift` (``lr``, ``temperature``, ``lambda_init``, ``batch_size`` ...).
     """
     started = time.perf_counter()
-    check_params(AUDIT_PARAMS, model_a=model_a, model_b=model_b, layer_a=layer_a, layer_b=layer_b)
-    resolve_layers(model_a, [layer_a])  # an unknown layer is named (with the modules there are) before any work
-    resolve_layers(model_b, [layer_b])
-    resolved = _resolve_measures(measures, claim_measure)
-    check_one(AUDIT_PARAMS, "steps", steps)
-    check_one(AUDIT_PARAMS, "tolerance", tolerance)
-    clash = sorted(RESERVED_SHIFT_OPTIONS & set(shift_kwargs))
-    if clash:
-        raise RepsimError(
-            f"audit sets {', '.join(clash)} for its fine-tuning runs itself (outputs kept = top-1 agreement, or "
-            "output cosine, >= 1 - tolerance); leave them out."
-        )
-    check_one(AUDIT_PARAMS, "targets", targets)
+    models = (model_a, layer_a, model_b, layer_b)
+    resolved = _checked(models, measures, claim_measure, steps=steps, tolerance=tolerance, targets=targets,
+                        shift_options=shift_kwargs)  # fmt: skip
     fingerprints = {"a": state_dict_fingerprint(model_a), "b": state_dict_fingerprint(model_b)}
     self_audit = fingerprints["a"] == fingerprints["b"] and layer_a == layer_b
 
     adapter_a = for_model(model_a)
     chunks = as_chunks(data, adapter_a, labels, "data")
+    given = None if eval_data is None else as_chunks(eval_data, adapter_a, eval_labels, "eval_data")
     holdout = float(shift_kwargs.pop("holdout", 0.2))
-    if eval_data is not None:
-        eval_chunks = as_chunks(eval_data, adapter_a, eval_labels, "eval_data")
-        evaluated_on = "eval_data"
-    elif steps == 0:  # nothing is fine-tuned: every sample is evaluation data
-        eval_chunks, evaluated_on = chunks, "data (nothing fine-tuned, so nothing held out)"
-    elif holdout > 0:  # the same held-out part for the claim, every change and the fine-tuning runs
-        chunks, eval_chunks, _ = hold_out(chunks, holdout, seed)
-        evaluated_on = f"held out from data (holdout={holdout:g}, seed={seed})"
-    else:
-        eval_chunks, evaluated_on = chunks, "the training data (holdout=0)"
+    chunks, eval_chunks, evaluated_on = _evaluation_split(chunks, given, steps=steps, holdout=holdout, seed=seed)
     held_out = eval_chunks is not chunks or steps == 0
-    models = (model_a, layer_a, model_b, layer_b)
     s = _setting(models, eval_chunks, resolved, batch_size=max(batch_size, 256), tokens=tokens, spatial=spatial)
     baseline = s.evaluate(s.H, s.HB)
     claim = baseline[claim_measure]
@@ -367,14 +413,7 @@ def audit(
     ]  # fmt: skip
     bar = _bar(progress, len(runs) + 1)
     explain = _attribution_inputs(s, attributions, attribution_samples, notes)
-    for run in runs:
-        bar.set_description(f"audit: fine-tuning toward {run.target:g}")
-        changes.append(run.row(s))
-        if explain is not None and run.result is not None:
-            changes[-1].attributions = _attribution_similarity(
-                s, run.result.model, explain, attributions, attribution_kwargs or {}
-            )
-        bar.update(1)
+    changes += _fine_tuned_rows(s, runs, bar, explain, attributions, attribution_kwargs or {})
     if explain is not None and runs:
         notes.append(_attribution_note(changes, attributions, explain.shape[0]))
     bar.set_description("audit: subset translation, outlier")
