@@ -377,8 +377,9 @@ def audit(
     """
     started = time.perf_counter()
     models = (model_a, layer_a, model_b, layer_b)
-    resolved = _checked(models, measures, claim_measure, steps=steps, tolerance=tolerance, targets=targets,
-                        shift_options=shift_kwargs)  # fmt: skip
+    resolved = _checked(
+        models, measures, claim_measure, steps=steps, tolerance=tolerance, targets=targets, shift_options=shift_kwargs
+    )
     fingerprints = {"a": state_dict_fingerprint(model_a), "b": state_dict_fingerprint(model_b)}
     self_audit = fingerprints["a"] == fingerprints["b"] and layer_a == layer_b
 
