@@ -26,6 +26,7 @@ __all__ = [
     "all_labels",
     "as_chunks",
     "capture_rows",
+    "evaluation_split",
     "has_token_ids",
     "hold_out",
     "merge_rows",
@@ -219,6 +220,20 @@ def hold_out(chunks: list[Chunk], fraction: float, seed: int) -> tuple[list[Chun
             f"evaluate on; each part needs at least {MIN_BATCH}. Pass more data, eval_data=, or another holdout=."
         )
     return train, evaluation, positions
+
+
+def evaluation_split(
+    chunks: list[Chunk], given: list[Chunk] | None, *, holdout: float, seed: int
+) -> tuple[list[Chunk], list[Chunk], str, torch.Tensor | None]:
+    """The training chunks, the evaluation chunks (the same list when nothing is held out), what the evaluation
+    data are as results say it, and the held-out positions (None unless drawn from ``chunks``): ``given``
+    (``eval_data``), else ``holdout`` of ``chunks`` drawn by ``seed`` (:func:`hold_out`), else the training data."""
+    if given is not None:
+        return chunks, given, "eval_data", None
+    if holdout > 0:
+        train, held, index = hold_out(chunks, holdout, seed)
+        return train, held, f"held out from data (holdout={holdout:g}, seed={seed})", index
+    return chunks, chunks, "the training data (holdout=0)", None
 
 
 def _labels(chunk: Chunk, index: torch.Tensor) -> torch.Tensor | None:

@@ -19,7 +19,7 @@ from ..errors import InputShapeError, RepsimError
 from ..measures import Measure
 from ._bookkeeping import resolve_criterion
 from ._config import ShiftConfig, auto_steps
-from ._data import MIN_BATCH, Chunk, all_labels, as_chunks, hold_out, mixable
+from ._data import MIN_BATCH, Chunk, all_labels, as_chunks, evaluation_split, mixable
 from .objective import TOKEN_STATES_MAX, OutputChecks, QuietMeasure, evaluation_measure, preserved_output, token_states
 from .targets import Evaluation, MapTarget, PairTarget
 
@@ -44,19 +44,13 @@ class ShiftData:
     def _load(self, data: Any, labels: Any, eval_data: Any, eval_labels: Any) -> None:
         cfg = self.config
         self._check_mixup_similarity()
-        self.chunks = as_chunks(data, self.adapter, labels, "data")
-        self.held_out_index: torch.Tensor | None = None
-        if eval_data is not None:
-            self.evaluated_on = "eval_data"
-            self.eval_chunks = as_chunks(eval_data, self.adapter, eval_labels, "eval_data")
-        elif cfg.holdout > 0:
-            n_total = sum(c.n for c in self.chunks)
-            self.chunks, self.eval_chunks, self.held_out_index = hold_out(self.chunks, cfg.holdout, cfg.seed)
-            self._split_reference(n_total)
-            self.evaluated_on = f"held out from data (holdout={cfg.holdout:g}, seed={cfg.seed})"
-        else:
-            self.evaluated_on = "the training data (holdout=0)"
-            self.eval_chunks = self.chunks
+        chunks = as_chunks(data, self.adapter, labels, "data")
+        given = None if eval_data is None else as_chunks(eval_data, self.adapter, eval_labels, "eval_data")
+        self.chunks, self.eval_chunks, self.evaluated_on, self.held_out_index = evaluation_split(
+            chunks, given, holdout=cfg.holdout, seed=cfg.seed
+        )
+        if self.held_out_index is not None:
+            self._split_reference(sum(c.n for c in chunks))
         self.held_out = self.eval_chunks is not self.chunks
         self.n_train = sum(c.n for c in self.chunks)
         self.n_eval = sum(c.n for c in self.eval_chunks)

@@ -34,7 +34,7 @@ from ..errors import DegenerateInputError, RepsimError
 from ..measures import Measure, make
 from ..measures.kernels import NULL_BIAS_WARNING, expected_null_cka
 from ..results import state_dict_fingerprint
-from ._data import Chunk, as_chunks, capture_rows, hold_out, merge_rows, sample_inputs, single_layer_rows
+from ._data import Chunk, as_chunks, capture_rows, evaluation_split, merge_rows, sample_inputs, single_layer_rows
 from .changes import (
     AuditSetting,
     FineTuning,
@@ -292,17 +292,12 @@ def _checked(
 def _evaluation_split(
     chunks: list[Chunk], given: list[Chunk] | None, *, steps: int | None, holdout: float, seed: int
 ) -> tuple[list[Chunk], list[Chunk], str]:
-    """The fine-tuning chunks, the evaluation chunks (the same list when nothing is held out) and what the
-    evaluation data are, as the report says it: ``eval_data``, else ``holdout`` of ``data`` drawn by ``seed``,
-    the same part for the claim, every change and the fine-tuning runs."""
-    if given is not None:
-        return chunks, given, "eval_data"
-    if steps == 0:  # nothing is fine-tuned: every sample is evaluation data
+    """As :func:`._data.evaluation_split` (one held-out part for the claim, every change and the fine-tuning runs),
+    except that with nothing fine-tuned every sample is evaluation data."""
+    if steps == 0 and given is None:
         return chunks, chunks, "data (nothing fine-tuned, so nothing held out)"
-    if holdout > 0:
-        train, held, _ = hold_out(chunks, holdout, seed)
-        return train, held, f"held out from data (holdout={holdout:g}, seed={seed})"
-    return chunks, chunks, "the training data (holdout=0)"
+    train, evaluation, evaluated_on, _ = evaluation_split(chunks, given, holdout=holdout, seed=seed)
+    return train, evaluation, evaluated_on
 
 
 def _fine_tuned_rows(
