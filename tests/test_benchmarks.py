@@ -59,6 +59,8 @@ def test_w2_summary_pairs_rounds_and_judges_minibatch_against_pytorch_cka(worklo
     seconds = {  # per configuration, one entry per round; round 3 had a load spike on ours' side
         "forward only": [3.0, 3.1, 3.2],
         "forward only" + workloads.RETAINED: [2.0, 2.0, 2.2],
+        workloads.W2_KEPT_ROWS: [2.2, 2.3, 2.3],
+        workloads.W2_GEMM_BOUND: [0.6, 0.6, 0.7],
         workloads.W2_OURS: [3.3, 3.4, 4.4],
         workloads.W2_MINIBATCH: [2.7, 2.8, 2.9],
         "pytorch-cka": [3.0, 3.2, 3.3],
@@ -79,9 +81,14 @@ def test_w2_summary_pairs_rounds_and_judges_minibatch_against_pytorch_cka(worklo
     overheads = {r["name"]: r["overhead_over_forward"] for r in result["rows"]}
     assert overheads[workloads.W2_OURS] == pytest.approx(3.4 / 2.0 - 1)  # against the forward on its own heap
     assert overheads["pytorch-cka"] == pytest.approx(3.2 / 3.1 - 1)
+    assert overheads[workloads.W2_KEPT_ROWS] == pytest.approx(2.3 / 2.0 - 1)  # what keeping the rows costs
+    assert result["exact_floor_seconds"] == pytest.approx(2.3 + 0.6)  # the forwards keeping rows + the products
+    assert result["exact_floor_vs_pytorch_cka"] == pytest.approx(2.9 / 3.2)
+    assert result["ours_default_vs_exact_floor"] == pytest.approx(3.4 / 2.9)
     text = workloads.markdown(result)
     assert "ours_default_vs_pytorch_cka_median_of_rounds: 1.1" in text
     assert "ours_minibatch_vs_pytorch_cka: 0.875" in text
+    assert "exact_floor_vs_pytorch_cka: 0.906" in text
 
 
 def _gpu_check_on_cpu(*flags: str) -> str:
