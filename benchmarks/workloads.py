@@ -219,7 +219,7 @@ def _w2_child(config: str, quick: bool) -> dict[str, Any]:
 
     if config in W2_BOUNDS:  # the multiply-adds an exact sample-space map cannot avoid: n^2 d / 2 per layer
         with torch.no_grad():
-            widths = [int(h.flatten(1).shape[1]) for m in models for h in _w2_layer_rows(m, data[0][:2])]
+            widths = [int(h.shape[1]) for m in models for h in _w2_layer_rows(m, data[0][:2])]
         rows = [torch.randn(len(images), d, generator=g) for d in widths]
         from repsim_plugin._utils.gemm import onednn_inner_product
 
@@ -331,11 +331,9 @@ def _keep_outputs(models: list[torch.nn.Module], kept: list[torch.Tensor]) -> li
 
 
 def _w2_layer_rows(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """The outputs of W2's layers for a few inputs (their flattened widths size the GEMM bound)."""
+    """The flattened outputs of W2's layers for a few inputs (their widths size the GEMM bound)."""
     seen: list[torch.Tensor] = []
-    handles = [
-        model.get_submodule(name).register_forward_hook(lambda m, a, out: seen.append(out)) for name in W2_LAYERS
-    ]
+    handles = _keep_outputs([model], seen)
     try:
         model(x)
     finally:
