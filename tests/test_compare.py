@@ -354,6 +354,37 @@ def test_compare_checkpoints_all_pairs_and_reference(cnns, batches, tmp_path):
     assert torch.allclose(ref[("b.pt", "c.pt")].values, direct.values, atol=1e-12)
 
 
+def test_compare_checkpoints_hashes_each_checkpoint_once(cnns, batches, tmp_path, monkeypatch):
+    """Four checkpoints, six pairs: the weights are hashed four times (not twelve), each map names its own."""
+    from digits_models import build_digits_cnn
+
+    import repsim_plugin.results as results
+
+    a, b = cnns
+    c, _ = train_digits_cnn(seed=2)
+    models = {"a.pt": a, "b.pt": b, "c.pt": c, "a_again.pt": a}
+    for name, model in models.items():
+        torch.save(model.state_dict(), tmp_path / name)
+    expected = {name: results.state_dict_fingerprint(model) for name, model in models.items()}
+    hashed = []
+    real = results.state_dict_fingerprint
+
+    def counting(model_or_state_dict):
+        hashed.append(model_or_state_dict)
+        return real(model_or_state_dict)
+
+    monkeypatch.setattr(results, "state_dict_fingerprint", counting)
+    paths = [tmp_path / name for name in models]
+    maps = rp.compare_checkpoints(build_digits_cnn, paths, batches[:2], layers=["fc1"], progress=False)
+    assert len(maps) == 6 and len(hashed) == 4
+    for (name_a, name_b), m in maps.items():
+        assert m.fingerprints == {"a": expected[name_a], "b": expected[name_b]}
+    assert expected["a.pt"] == expected["a_again.pt"] != expected["b.pt"]
+    hashed.clear()
+    same = rp.compare(a, a, batches[:2], ["fc1"], ["fc1"], progress=False)  # one model on both sides: one hash
+    assert len(hashed) == 1 and same.fingerprints == {"a": expected["a.pt"], "b": expected["a.pt"]}
+
+
 def test_checkpoints_never_run_pickle_code(tmp_path, capsys):
     from digits_models import build_digits_cnn
 

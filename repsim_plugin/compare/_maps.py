@@ -45,6 +45,7 @@ def pair_map(engine: Engine, pair: Pair, *, seed: int | None, extra: Mapping[str
     reduction = dict(policy_a) if policy_a == policy_b else {"a": policy_a, "b": policy_b}
     assert engine.plan is not None
     hashes = engine.data_hashes
+    weights = engine.weights_fingerprints()
     return SimilarityMap(
         values=values.to(torch.float64).cpu(),
         layers_a=names_a,
@@ -55,7 +56,7 @@ def pair_map(engine: Engine, pair: Pair, *, seed: int | None, extra: Mapping[str
         n=n,
         dtype=str(engine.dtype).replace("torch.", ""),
         seed=seed,
-        fingerprints={"a": side_a.recorder.adapter.fingerprint(), "b": side_b.recorder.adapter.fingerprint()},
+        fingerprints={"a": weights[pair.i], "b": weights[pair.j]},
         extra={
             "model_a": side_a.label,
             "model_b": side_b.label,

@@ -8,8 +8,10 @@ accumulator is built per pair, and every later batch updates them all. Nothing h
 from __future__ import annotations
 
 import hashlib
+import os
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +114,23 @@ class Engine:
         #: per data stream: sha256 of the inputs (None when not fingerprinted) and of the labels / sample ids
         self.data_hashes: list[Any] = []
         self.label_hashes: list[Any] = []
+        self._weights: list[str] | None = None
+
+    def weights_fingerprints(self) -> list[str]:
+        """Each side's weights fingerprint after the pass, hashed once however many pairs name the side.
+
+        Every distinct model is hashed once (two sides may share a model), in threads: ``hashlib`` releases the GIL,
+        so on two cores two models take about the time of one. Per pair, N checkpoints would cost N (N - 1)
+        hashes of the weights instead of N.
+        """
+        if self._weights is None:
+            models = {(id(side.model), type(side.recorder.adapter)): side for side in self.sides}
+            workers = max(1, min(len(models), os.cpu_count() or 1))
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                digests = list(pool.map(lambda side: side.recorder.adapter.fingerprint(), models.values()))
+            hashed = dict(zip(models, digests, strict=True))
+            self._weights = [hashed[id(side.model), type(side.recorder.adapter)] for side in self.sides]
+        return self._weights
 
     def rows(self, pair: Pair) -> tuple[Rows, Rows | None]:
         rows_i = select(self.sides[pair.i].rows or {}, pair.sub_i)
