@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import weakref
 
 import pytest
 import torch
@@ -288,6 +289,46 @@ def test_auto_estimator_choices_and_budget(cnns, batches):
         parse_bytes("lots")
 
 
+def test_plan_counts_each_shared_side_once():
+    """Four checkpoints in every pair: the kept rows and Grams are per side, so the plan counts 4 sides, not 12."""
+    cka = rp.measures.make("cka")
+    n, widths = 1024, [16384, 8192]
+    per_pair, side_maps = [(widths, widths)] * 6, [(widths, widths)] * 2
+    rows, grams, deviations = n * sum(widths) * 4, 8 * len(widths) * n**2, 4 * n * max(widths)
+    shared_need = 4 * (rows + grams) + 2 * 2 * deviations  # each side once; one deviation buffer (x2) per two sides
+    options = {"n_estimate": n, "batch_size": 128, "itemsize": 4, "memory_budget": parse_bytes("1.5GiB")}
+    plan = choose_estimator(cka, per_pair, side_maps=side_maps, **options)
+    assert plan.estimator == "sample_space" and plan.memory == shared_need < options["memory_budget"]
+    with pytest.warns(EstimatorChoiceWarning, match="minibatch"):  # counted per pair: 2.06 GiB, over the budget
+        assert choose_estimator(cka, per_pair, **options).estimator == "minibatch"
+
+
+def test_compare_checkpoints_exact_within_a_budget_counted_per_side(cnns, batches, tmp_path):
+    """A budget that the rows counted once per pair exceed but the rows of each checkpoint once fit."""
+    from digits_models import build_digits_cnn
+
+    from repsim_plugin.streaming.sample_space import SampleSpaceCKAMap
+
+    a, b = cnns
+    c, _ = train_digits_cnn(seed=2)
+    models = {"a.pt": a, "b.pt": b, "c.pt": c}
+    for name, model in models.items():
+        torch.save(model.state_dict(), tmp_path / name)
+    widths = [int(t.shape[1]) for t in _activations(a, batches[:1], LAYERS).values()]
+    n = sum(len(x) for x, _ in batches)
+    per_side = SampleSpaceCKAMap.memory_bytes(n, widths)  # one side: rows, Grams, deviation buffer
+    per_pair = SampleSpaceCKAMap.memory_bytes(n, widths, widths)
+    budget = 2 * per_side + per_pair  # 3 pairs would need 3 * per_pair; 3 sides as 2 maps (a+b, c) fit
+    assert 3 * per_pair > budget
+    paths = [tmp_path / name for name in models]
+    kw = {"layers": LAYERS, "estimator": "sample_space", "progress": False}
+    maps = rp.compare_checkpoints(build_digits_cnn, paths, batches, memory_budget=budget, **kw)
+    alone = rp.compare(b, c, batches, LAYERS, LAYERS, estimator="sample_space", progress=False)
+    assert torch.equal(maps[("b.pt", "c.pt")].values, alone.values)
+    with pytest.raises(MemoryBudgetError, match="sample_space"):  # two sides counted once each still need more
+        rp.compare_checkpoints(build_digits_cnn, paths, batches, memory_budget=2 * per_side, **kw)
+
+
 def test_max_batches_progress_and_empty_data(cnns, batches, capsys):
     a, b = cnns
     result = rp.compare(a, b, batches, ["fc1"], ["fc1"], max_batches=2, progress=True)
@@ -383,6 +424,48 @@ def test_compare_checkpoints_hashes_each_checkpoint_once(cnns, batches, tmp_path
     hashed.clear()
     same = rp.compare(a, a, batches[:2], ["fc1"], ["fc1"], progress=False)  # one model on both sides: one hash
     assert len(hashed) == 1 and same.fingerprints == {"a": expected["a.pt"], "b": expected["a.pt"]}
+
+
+@pytest.mark.parametrize("reference", [None, "b.pt"])
+def test_compare_checkpoints_forms_each_sides_grams_once(cnns, batches, tmp_path, monkeypatch, reference):
+    """Sample-space maps of four checkpoints: each checkpoint's Grams are formed once (not once per pair that
+    names it), none is held after the last pair, and every map has the bits of that pair compared alone."""
+    from digits_models import build_digits_cnn
+
+    from repsim_plugin.streaming.sample_space import SampleSpaceCKAMap
+
+    a, b = cnns
+    c, _ = train_digits_cnn(seed=2)
+    d, _ = train_digits_cnn(seed=3)
+    models = {"a.pt": a, "b.pt": b, "c.pt": c, "d.pt": d}
+    for name, model in models.items():
+        torch.save(model.state_dict(), tmp_path / name)
+    formed, alive_before = [], []
+    real = SampleSpaceCKAMap.grams
+
+    def counting(self, store, label, buffer=None):
+        gc.collect()
+        alive_before.append(sum(ref() is not None for ref in formed))
+        K = real(self, store, label, buffer)
+        formed.append(weakref.ref(K))
+        return K
+
+    monkeypatch.setattr(SampleSpaceCKAMap, "grams", counting)
+    layers = ["relu2", "fc1", "fc2"]
+    options = {"layers": layers, "estimator": "sample_space", "progress": False, "reference": reference}
+    maps = rp.compare_checkpoints(build_digits_cnn, [tmp_path / n for n in models], batches, **options)
+    assert len(maps) == (6 if reference is None else 3)
+    assert len(formed) == 4  # one (L, n, n) stack per checkpoint: 12 / 6 before they were shared
+    # held until the last pair that names the side: against a reference, only the reference's outlives its pair
+    assert alive_before == ([0, 1, 2, 3] if reference is None else [0, 1, 1, 1])
+    gc.collect()
+    assert all(ref() is None for ref in formed)  # nothing held after the call
+    formed.clear()
+    for (name_a, name_b), m in maps.items():
+        alone = rp.compare(models[name_a], models[name_b], batches, layers, layers, estimator="sample_space",
+                           progress=False)  # fmt: skip
+        assert torch.equal(m.values, alone.values), (name_a, name_b)
+    assert len(formed) == 2 * len(maps)  # a single pair shares nothing
 
 
 def test_checkpoints_never_run_pickle_code(tmp_path, capsys):

@@ -115,6 +115,9 @@ class Engine:
         self.data_hashes: list[Any] = []
         self.label_hashes: list[Any] = []
         self._weights: list[str] | None = None
+        #: each side's Grams while a pair that names the side is still to be computed (see :meth:`compute`)
+        self._grams: dict[Any, torch.Tensor] = {}
+        self._computed: set[Pair] = set()
 
     def weights_fingerprints(self) -> list[str]:
         """Each side's weights fingerprint after the pass, hashed once however many pairs name the side.
@@ -155,6 +158,7 @@ class Engine:
             itemsize=first.element_size(),
             requested=self.requested,
             memory_budget=self.memory_budget,
+            side_maps=self._side_maps(),
         )
         if self.plan.declaration.note:
             warn(self.plan.declaration.note, EstimatorChoiceWarning)
@@ -166,6 +170,17 @@ class Engine:
         if self.measure.mixed_fn is None and self.measure.dtype == torch.float64:
             for acc in self.accumulators.values():  # an explicit dtype=torch.float64: no float32 products anywhere
                 acc.full_float64 = True
+
+    def _side_maps(self) -> list[tuple[list[int], list[int] | None]] | None:
+        """Every side's layer widths once, as maps of two sides (an odd one alone), when several maps of whole
+        sides share them without copies (no grad: the maps keep the recorders' rows as they are); else None."""
+        if len(self.pairs) < 2 or any(side.recorder.grad for side in self.sides):
+            return None
+        if any(pair.sub_i is not None or pair.sub_j is not None or pair.same for pair in self.pairs):
+            return None
+        used = sorted({k for pair in self.pairs for k in (pair.i, pair.j)})
+        widths = [[int(t.shape[1]) for t in (self.sides[k].rows or {}).values()] for k in used]
+        return [(widths[k], widths[k + 1] if k + 1 < len(widths) else None) for k in range(0, len(widths), 2)]
 
     def update(self) -> None:
         """Feed the current batch's rows to every pair's accumulator."""
@@ -208,8 +223,30 @@ class Engine:
             )
 
     def compute(self, pair: Pair) -> tuple[torch.Tensor, list[str], list[str]]:
+        """The map of ``pair``; with several pairs, each side's Grams are formed once and shared by its pairs.
+
+        A sample-space map forms both sides' (L, n, n) Grams, most of its time; N checkpoints compared in every
+        pair would form N (N - 1) sides' Grams instead of N. A side's Grams are held until its last pair is
+        computed (at most every side's at once: within the plan's estimate, which counts two sides per map).
+        """
         acc = self.accumulators[pair]
-        return acc.compute(), list(acc.layers_a), list(acc.layers_b)
+        shared = len(self.pairs) > 1 and hasattr(acc, "shared_grams")
+        if shared:
+            acc.shared_grams, acc.side_keys = self._grams, (pair.i, pair.j)
+        try:
+            values = acc.compute()
+        finally:
+            if shared:
+                acc.shared_grams = acc.side_keys = None
+                self._computed.add(pair)
+                done = {
+                    side
+                    for side in (pair.i, pair.j)
+                    if all(p in self._computed for p in self.pairs if side in (p.i, p.j))
+                }
+                for key in [key for key in self._grams if key[0] in done]:
+                    del self._grams[key]
+        return values, list(acc.layers_a), list(acc.layers_b)
 
 
 def _estimate_n(data: Any, max_batches: int | None, rows_per_batch: int) -> int | None:

@@ -81,21 +81,36 @@ class _Candidate:
     cost: float | None
 
 
+def _planned(cls: Any, maps: Maps, side_maps: Maps | None) -> Maps:
+    """The maps an estimator is sized on: one per pair of sides where it shares sides across maps."""
+    return side_maps if side_maps is not None and getattr(cls, "shares_sides", False) else maps
+
+
 def _candidates(
-    measure: Measure, declared: Mapping[str, Estimator], maps: Maps, n: int | None, batch_size: int, itemsize: int
+    measure: Measure,
+    declared: Mapping[str, Estimator],
+    maps: Maps,
+    n: int | None,
+    batch_size: int,
+    itemsize: int,
+    side_maps: Maps | None = None,
 ) -> list[_Candidate]:
     out = []
     for name, declaration in declared.items():
         cls: Any = declaration.resolve()  # a map accumulator class (the streaming protocol)
         options = dict(declaration.options)
-        memory = cls.memory_needed(maps, n=n, batch_size=batch_size, itemsize=itemsize, **options)
-        out.append(_Candidate(name, declaration, memory, cls.relative_cost(maps, n=n, **options)))
+        sized = _planned(cls, maps, side_maps)
+        memory = cls.memory_needed(sized, n=n, batch_size=batch_size, itemsize=itemsize, **options)
+        out.append(_Candidate(name, declaration, memory, cls.relative_cost(sized, n=n, **options)))
     return out
 
 
-def _captured(measure: Measure, maps: Maps, n: int | None, batch_size: int, itemsize: int) -> _Candidate:
+def _captured(
+    measure: Measure, maps: Maps, n: int | None, batch_size: int, itemsize: int, side_maps: Maps | None = None
+) -> _Candidate:
     declaration = Estimator(KeptRowsMap, {"measure": measure, "copy": False})
-    memory = KeptRowsMap.memory_needed(maps, n=n, batch_size=batch_size, itemsize=itemsize, measure=measure)
+    sized = _planned(KeptRowsMap, maps, side_maps)
+    memory = KeptRowsMap.memory_needed(sized, n=n, batch_size=batch_size, itemsize=itemsize, measure=measure)
     return _Candidate(CAPTURED, declaration, memory, None)
 
 
@@ -115,20 +130,25 @@ def choose_estimator(
     itemsize: int,
     requested: str = "auto",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    side_maps: Maps | None = None,
 ) -> Plan:
     """Pick the estimator for ``measure`` under ``memory_budget`` bytes.
 
     ``dims`` holds, per layer x layer map, the feature dims of side a and of side b (None when a map compares one
-    set of layers with itself); ``n_estimate`` the number of samples expected (None: unknown).
+    set of layers with itself); ``n_estimate`` the number of samples expected (None: unknown). ``side_maps``: when
+    the maps share sides (N checkpoints in every pair), the same dims with every side once (sides paired up, an
+    odd one as ``(dims, None)``): estimators that share sides (``shares_sides``) are sized on it.
     """
     layers = sum(len(da) + len(db or ()) for da, db in dims)
     declared = dict(measure.estimators)
     if requested != "auto":
-        return _requested(measure, declared, dims, requested, n_estimate, batch_size, itemsize, memory_budget, layers)
-    exact = _candidates(measure, measure.exact_estimators(), dims, n_estimate, batch_size, itemsize)
+        return _requested(
+            measure, declared, dims, requested, n_estimate, batch_size, itemsize, memory_budget, layers, side_maps
+        )
+    exact = _candidates(measure, measure.exact_estimators(), dims, n_estimate, batch_size, itemsize, side_maps)
     approximate = measure.approximate_estimators()
     if not exact:
-        captured = _captured(measure, dims, n_estimate, batch_size, itemsize)
+        captured = _captured(measure, dims, n_estimate, batch_size, itemsize, side_maps)
         # with nothing to fall back to, an unknown n runs on kept rows, checked against the budget as they come
         fits = captured.memory <= memory_budget if captured.memory is not None else not approximate
         if fits:
@@ -194,11 +214,12 @@ def _requested(
     itemsize: int,
     memory_budget: int,
     layers: int,
+    side_maps: Maps | None,
 ) -> Plan:
     if requested == CAPTURED:
-        candidate = _captured(measure, dims, n, batch_size, itemsize)
+        candidate = _captured(measure, dims, n, batch_size, itemsize, side_maps)
     elif requested in declared:
-        candidate = _candidates(measure, {requested: declared[requested]}, dims, n, batch_size, itemsize)[0]
+        candidate = _candidates(measure, {requested: declared[requested]}, dims, n, batch_size, itemsize, side_maps)[0]
     elif isinstance(requested, str) and requested in ESTIMATOR_CHOICES:
         raise RepsimError(
             f"estimator {requested!r} is not available for {measure.id}: it declares "

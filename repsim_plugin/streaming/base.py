@@ -304,6 +304,10 @@ class MapAccumulator(Accumulator):
 
     #: fewest rows an update may have (the engine skips and records shorter batches); 0: any batch
     min_batch_rows: ClassVar[int] = 0
+    #: True for estimators that keep rows per side (``copy=False``: the maps that name a side hold the same
+    #: tensors) and form each side's work once per engine: its planner then counts every side once, however many
+    #: maps name it (``compare_checkpoints``), instead of once per map
+    shares_sides: ClassVar[bool] = False
 
     def __init__(self, *, same: bool | None = None, process_group: Any = None) -> None:
         check_params({"same": SAME}, same=same)

@@ -40,6 +40,7 @@ class KeptRowsMap(MapAccumulator):
     """
 
     _kind = "KeptRowsMap"
+    shares_sides = True  # with copy=False the maps that name a side keep the same row tensors
     n: int
     _rows_a: Rows | None
     _rows_b: Rows | None

@@ -51,6 +51,7 @@ class SampleSpaceCKAMap(MapAccumulator):
     """
 
     _kind = "SampleSpaceCKAMap"
+    shares_sides = True  # rows kept per side, and each side's Grams formed once per engine (``shared_grams``)
     n: int
     _rows_a: Rows | None
     _rows_b: Rows | None
@@ -67,6 +68,11 @@ class SampleSpaceCKAMap(MapAccumulator):
         #: set for full float64 Grams of float32 rows too (``make("cka", dtype=torch.float64)`` in compare)
         self.full_float64 = False
         self.kept_grams: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: set by an engine whose maps share sides (``compare_checkpoints``): a cache of stacked Grams shared by its
+        #: maps, and the keys of this map's two sides in it; the same rows give the same Grams, so each side's are
+        #: formed once instead of once per map that names it (not part of the state)
+        self.shared_grams: dict[Any, torch.Tensor] | None = None
+        self.side_keys: tuple[Any, Any] | None = None
         self.add_state("n", 0, COUNT)
         self.add_state("_rows_a", None, ROWS, key="rows_a")
         self.add_state("_rows_b", None, ROWS, key="rows_b")
@@ -144,10 +150,7 @@ class SampleSpaceCKAMap(MapAccumulator):
             )
         la, lb = self._labels
         with torch.no_grad():
-            stores = [self._rows_a] if self._rows_b is None else [self._rows_a, self._rows_b]
-            buffer = self._deviation_buffer(stores)  # one for both sides: each fresh page faults in (up to 5 us here)
-            KA = self.grams(self._rows_a, la, buffer)
-            KB = KA if self._rows_b is None else self.grams(self._rows_b, lb, buffer)
+            KA, KB = self._side_grams(la, lb)
             if self.keep_grams:  # for permutation tests / bootstrap on the map (repsim_plugin.map_stats)
                 self.kept_grams = (KA, KB)
             if self.debiased:
@@ -164,6 +167,29 @@ class SampleSpaceCKAMap(MapAccumulator):
                 yy = xx if KB is KA else torch.linalg.vector_norm(fb, dim=-1).square()
             names_b = (self.layers_b, la if self.same else lb)
             return ratio_table(xy, xx, yy, [(self.layers_a, la), names_b])
+
+    def _side_grams(self, la: Label, lb: Label) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both sides' stacked Grams (one side: the same tensor twice), taken from ``shared_grams`` where another
+        map of the same engine formed them, and left there for the maps after it."""
+        assert self._rows_a is not None
+        stores = [(self._rows_a, la)] + ([] if self._rows_b is None else [(self._rows_b, lb)])
+        cache, sides = self.shared_grams, self.side_keys
+        keys = [
+            None if cache is None or sides is None else (sides[k], tuple(store), self.debiased, self.full_float64)
+            for k, (store, _) in enumerate(stores)
+        ]
+        grams = [None if cache is None or key is None else cache.get(key) for key in keys]
+        missing = [store for (store, _), K in zip(stores, grams, strict=True) if K is None]
+        # one deviation buffer for the sides formed here: each fresh page faults in (up to 5 us here)
+        buffer = self._deviation_buffer(missing) if missing else None
+        out = []
+        for (store, label), key, K in zip(stores, keys, grams, strict=True):
+            if K is None:
+                K = self.grams(store, label, buffer)
+                if cache is not None and key is not None:
+                    cache[key] = K
+            out.append(K)
+        return out[0], out[-1]
 
     def _mixed(self, store: Rows) -> list[bool]:
         """Per layer of ``store``: whether its Gram takes the float32 product of deviations (see :meth:`grams`)."""
