@@ -1,4 +1,4 @@
-"""The four workloads of the performance issue, ours against the GEMM bound and against the peer libraries.
+"""The five workloads of the performance issue, ours against the GEMM bound and against the peer libraries.
 
 W1  linear CKA of X (10000 x 2048) vs Y (10000 x 1024), float32 input: the GEMM bound (Xc^T Yc, Xc^T Xc, Yc^T Yc
     in float32), ours (biased, debiased, full float64; and on Y = X's first 1024 features + 1% noise) and the
@@ -9,6 +9,8 @@ W2  8 x 8 block map of two timm resnet18 (zero_init_last=False, seeds 0 / 1), 10
     configuration and round: its first call, then the median of W2_WARM_CALLS warm calls (the "seconds").
 W3  rp.streaming.LinearCKA over n rows (d = 256, batches of 10k): time and peak RSS per n, one process each.
 W4  permutation test of linear CKA (n = 2000, d = 512, 1000 permutations) against its GEMM bound.
+W5  four resnet18 checkpoints in every pair on W2's data and layers: ``compare_checkpoints`` (one pass, the
+    checkpoints' rows, Grams and hashes shared by the pairs) against pytorch-cka pair by pair (w5_checkpoints.py).
 
 Timings are medians of interleaved rounds in one run (the machine may be shared): compare ratios, not seconds.
 Peers come from the optional ``bench`` extra (``pip install -e ".[bench]"``); a peer that cannot be imported or
@@ -34,6 +36,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import w5_checkpoints  # W5, beside this file
 
 warnings.simplefilter("ignore")
 PEERS = {"pytorch-cka": "cka", "ckatorch": "ckatorch", "torch-cka": "torch_cka", "cka-pytorch": "cka_pytorch"}
@@ -511,6 +516,8 @@ def markdown(result: dict[str, Any]) -> str:
         "ours_default_overhead_vs_gemm_bound",
         "exact_floor_vs_pytorch_cka",
         "ours_default_vs_exact_floor",
+        "ours_checkpoints_vs_pytorch_cka_pairwise",
+        "ours_minibatch_checkpoints_vs_pytorch_cka_pairwise",
     )
     for key in keys:
         if result.get(key) is not None:
@@ -523,7 +530,11 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4}
+def w5(quick: bool, rounds: int) -> dict[str, Any]:
+    return w5_checkpoints.summarise(quick, rounds, _child)
+
+
+WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5}
 
 
 def environment() -> dict[str, Any]:
@@ -539,7 +550,7 @@ def environment() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: seconds in all (smoke test)")
-    parser.add_argument("--only", default="W1,W2,W3,W4", help="comma-separated workloads")
+    parser.add_argument("--only", default="W1,W2,W3,W4,W5", help="comma-separated workloads")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
     parser.add_argument("--json", help="write every result here")
     parser.add_argument("--markdown", help="write the tables here")
@@ -548,7 +559,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        out = _w2_child(args.config, args.quick) if args.child == "W2" else _w3_child(int(args.config))
+        if args.child == "W5":
+            out = w5_checkpoints.child(args.config, args.quick, W2_LAYERS, _peak_rss_mib)
+        else:
+            out = _w2_child(args.config, args.quick) if args.child == "W2" else _w3_child(int(args.config))
         print(json.dumps(out))
         return 0
     configs = args.w2_configs.split(";") if args.w2_configs else None

@@ -91,6 +91,31 @@ def test_w2_summary_pairs_rounds_and_judges_minibatch_against_pytorch_cka(worklo
     assert "exact_floor_vs_pytorch_cka: 0.906" in text
 
 
+def test_w5_summary_sets_one_pass_against_pytorch_cka_pair_by_pair(workloads):
+    """W5's ratios from synthetic children; a configuration that failed is listed, not timed."""
+    w5 = workloads.w5_checkpoints
+    seconds = {w5.FORWARD: [7.0, 7.2], w5.OURS: [12.0, 12.4], w5.OURS_MINIBATCH: [9.0, 9.4], w5.PEER: [25.0, 26.0]}
+
+    def child(workload, config, quick):
+        assert workload == "W5" and quick is False
+        times = seconds[config]
+        return {"config": config, "seconds": times.pop(0), "peak_rss_mib": 2.0, "estimator": "sample_space"}
+
+    result = w5.summarise(False, 2, child)
+    assert result["ours_checkpoints_vs_pytorch_cka_pairwise"] == pytest.approx(12.2 / 25.5)
+    assert result["ours_minibatch_checkpoints_vs_pytorch_cka_pairwise"] == pytest.approx(9.2 / 25.5)
+    overheads = {r["name"]: r["overhead_over_forward"] for r in result["rows"]}
+    assert overheads[w5.OURS] == pytest.approx(12.2 / 7.1 - 1) and overheads[w5.FORWARD] is None
+    assert "ours_checkpoints_vs_pytorch_cka_pairwise: 0.478" in workloads.markdown(result)
+    seconds.update({w5.FORWARD: [7.0], w5.OURS: [12.0], w5.OURS_MINIBATCH: [9.0]})
+
+    def peer_fails(workload, config, quick):
+        return {"config": config, "error": "no peer"} if config == w5.PEER else child(workload, config, quick)
+
+    failed = w5.summarise(False, 1, peer_fails)
+    assert failed["not_run"] == {w5.PEER: "no peer"} and failed["ours_checkpoints_vs_pytorch_cka_pairwise"] is None
+
+
 def _gpu_check_on_cpu(*flags: str) -> str:
     """``benchmarks/gpu_check.py`` run on the CPU (``GPU_CHECK_DEVICE=cpu``): the script itself is checked here, so a
     lent GPU's few minutes are not spent finding its bugs."""
