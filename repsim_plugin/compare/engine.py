@@ -227,7 +227,7 @@ class Engine:
 
         A sample-space map forms both sides' (L, n, n) Grams, most of its time; N checkpoints compared in every
         pair would form N (N - 1) sides' Grams instead of N. A side's Grams are held until its last pair is
-        computed (at most every side's at once: within the plan's estimate, which counts two sides per map).
+        computed: at most every side's at once, which the plan counts (``_side_maps``: each side's rows and Grams).
         """
         acc = self.accumulators[pair]
         shared = len(self.pairs) > 1 and hasattr(acc, "shared_grams")
