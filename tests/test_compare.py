@@ -468,6 +468,44 @@ def test_compare_checkpoints_forms_each_sides_grams_once(cnns, batches, tmp_path
     assert len(formed) == 2 * len(maps)  # a single pair shares nothing
 
 
+@pytest.mark.parametrize("reference", [None, "b.pt"])
+def test_compare_checkpoints_minibatch_forms_each_sides_batch_grams_once(
+    cnns, batches, tmp_path, monkeypatch, reference
+):
+    """Minibatch maps of four checkpoints: each checkpoint's batch Grams are formed once a batch (not once per pair
+    that names it), and every map has the bits of that pair compared alone."""
+    from digits_models import build_digits_cnn
+
+    from repsim_plugin.streaming.minibatch import MinibatchCKAMap
+
+    a, b = cnns
+    c, _ = train_digits_cnn(seed=2)
+    d, _ = train_digits_cnn(seed=3)
+    models = {"a.pt": a, "b.pt": b, "c.pt": c, "d.pt": d}
+    for name, model in models.items():
+        torch.save(model.state_dict(), tmp_path / name)
+    formed = []
+    real = MinibatchCKAMap._grams
+
+    def counting(self, tensors, device):
+        formed.append(len(tensors))
+        return real(self, tensors, device)
+
+    monkeypatch.setattr(MinibatchCKAMap, "_grams", counting)
+    layers, data = ["relu2", "fc1", "fc2"], batches[:6]  # six batches of 32 rows
+    options = {"layers": layers, "measure": "debiased_cka", "estimator": "minibatch", "progress": False}
+    options["reference"] = reference
+    maps = rp.compare_checkpoints(build_digits_cnn, [tmp_path / n for n in models], data, **options)
+    assert len(maps) == (6 if reference is None else 3)
+    assert formed == [3] * 4 * len(data)  # one (L, b, b) stack per checkpoint a batch: 12 / 6 before
+    formed.clear()
+    for (name_a, name_b), m in maps.items():
+        alone = rp.compare(models[name_a], models[name_b], data, layers, layers, measure="debiased_cka",
+                           estimator="minibatch", progress=False)  # fmt: skip
+        assert torch.equal(m.values, alone.values), (name_a, name_b)
+    assert formed == [3] * 2 * len(data) * len(maps)  # a single pair shares nothing
+
+
 def test_checkpoints_never_run_pickle_code(tmp_path, capsys):
     from digits_models import build_digits_cnn
 

@@ -199,12 +199,22 @@ class Engine:
                 )
             self.skipped_rows += rows
             return
+        # maps that form per-batch Grams (minibatch) share each side's for this batch: N checkpoints in every pair
+        # would form N (N - 1) sides' Grams a batch instead of N
+        batch_grams: dict[Any, torch.Tensor] | None = {} if len(self.pairs) > 1 else None
         for pair, acc in self.accumulators.items():
             rows_a, rows_b = self.rows(pair)
-            if rows_b is None:
-                acc.update(rows_a)
-            else:
-                acc.update(rows_a, rows_b)
+            shared = batch_grams is not None and hasattr(acc, "shared_grams")
+            if shared:
+                acc.shared_grams, acc.side_keys = batch_grams, (pair.i, pair.j)
+            try:
+                if rows_b is None:
+                    acc.update(rows_a)
+                else:
+                    acc.update(rows_a, rows_b)
+            finally:
+                if shared:
+                    acc.shared_grams = acc.side_keys = None
         if hasattr(first, "kept_bytes"):
             self._check_kept()
 

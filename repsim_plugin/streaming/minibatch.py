@@ -25,7 +25,19 @@ from ..measures.kernels import (
 )
 from ..measures.mixed import MIXED_MIN_FLOPS, deviation_gram64
 from ._reductions import COUNT, SUM, SUM3
-from ._rows import F64, Acts, check_same_rows, label_a, label_b, label_x, label_y, order_like, ratio_table, self_hsic
+from ._rows import (
+    F64,
+    Acts,
+    _Layout,
+    check_same_rows,
+    label_a,
+    label_b,
+    label_x,
+    label_y,
+    order_like,
+    ratio_table,
+    self_hsic,
+)
 from .base import SAME, Accumulator, MapAccumulator, Maps
 
 __all__ = ["MINIBATCH_CKA_MAP_PARAMS", "MINIBATCH_ROWS", "MinibatchCKA", "MinibatchCKAMap"]
@@ -170,6 +182,11 @@ class MinibatchCKAMap(_Kernel, MapAccumulator):
         check_params(MINIBATCH_CKA_MAP_PARAMS, same=same)
         super().__init__(same=same, process_group=process_group)
         self.kernel, self.kernel_params = kernel_config(kernel, kernel_params)
+        #: set by an engine whose maps share sides (``compare_checkpoints``) for one batch: a cache of each side's
+        #: batch Grams and self-HSICs shared by its maps, and the keys of this map's two sides in it; the same rows
+        #: give the same Grams, so each side's are formed once a batch instead of once per map (not part of the state)
+        self.shared_grams: dict[Any, torch.Tensor] | None = None
+        self.side_keys: tuple[Any, Any] | None = None
         self.add_state("batches", 0, COUNT)
         self.add_state("n", 0, COUNT)
         self.add_state("_hsic", dict, SUM, key="tensors")
@@ -193,17 +210,43 @@ class MinibatchCKAMap(_Kernel, MapAccumulator):
         la, lb = self._layouts(A, B)
         device = self._state_device() or self._device or next(iter(A.values())).device
         with torch.no_grad():
-            KA = self._grams(order_like(A, la, "acts_a"), device)
+            KA, key_a = self._side_grams(order_like(A, la, "acts_a"), la, 0, device)
             if B is None or lb is None:
                 batch = {"cross": hsic_unbiased_table(KA, KA, symmetric=True)}
             else:
-                KB = self._grams(order_like(B, lb, "acts_b"), device)
-                batch = {"cross": hsic_unbiased_table(KA, KB, symmetric=True), "self_a": self_hsic(KA)}
-                batch["self_b"] = self_hsic(KB)
+                KB, key_b = self._side_grams(order_like(B, lb, "acts_b"), lb, 1, device)
+                batch = {"cross": hsic_unbiased_table(KA, KB, symmetric=True), "self_a": self._self_hsic(KA, key_a)}
+                batch["self_b"] = self._self_hsic(KB, key_b)
         self._hsic = batch if not self._hsic else {k: v + batch[k] for k, v in self._hsic.items()}
         self._layout = (la, lb)
         self.batches += 1
         self.n += b
+
+    def _side_grams(
+        self, tensors: list[torch.Tensor], layout: _Layout, k: int, device: torch.device
+    ) -> tuple[torch.Tensor, Any]:
+        """One side's stacked batch Grams and its key in ``shared_grams`` (None when not shared), taken from there
+        where another map of the same engine formed them this batch, and left there for the maps after it."""
+        cache, sides = self.shared_grams, self.side_keys
+        key = None
+        if cache is not None and sides is not None:
+            options = (self.kernel, repr(sorted(self.kernel_params.items())), getattr(self, "full_float64", False))
+            key = (sides[k], layout.names, options, str(device))
+        K = None if cache is None or key is None else cache.get(key)
+        if K is None:
+            K = self._grams(tensors, device)
+            if cache is not None and key is not None:
+                cache[key] = K
+        return K, key
+
+    def _self_hsic(self, K: torch.Tensor, key: Any) -> torch.Tensor:
+        """Unbiased HSIC(K_l, K_l) of a side's batch Grams, shared like the Grams (see :meth:`_side_grams`)."""
+        cache = self.shared_grams
+        if cache is None or key is None:
+            return self_hsic(K)
+        if (key, "self") not in cache:
+            cache[key, "self"] = self_hsic(K)
+        return cache[key, "self"]
 
     def _check_shapes(self) -> None:
         if self._layout is None:
