@@ -426,6 +426,15 @@ def test_compare_checkpoints_hashes_each_checkpoint_once(cnns, batches, tmp_path
     assert len(hashed) == 1 and same.fingerprints == {"a": expected["a.pt"], "b": expected["a.pt"]}
 
 
+def _four_checkpoints(cnns, folder) -> dict[str, nn.Module]:
+    """Four trained digits CNNs, each saved in ``folder`` under its name ("a.pt" ... "d.pt")."""
+    a, b = cnns
+    models = {"a.pt": a, "b.pt": b, "c.pt": train_digits_cnn(seed=2)[0], "d.pt": train_digits_cnn(seed=3)[0]}
+    for name, model in models.items():
+        torch.save(model.state_dict(), folder / name)
+    return models
+
+
 @pytest.mark.parametrize("reference", [None, "b.pt"])
 def test_compare_checkpoints_forms_each_sides_grams_once(cnns, batches, tmp_path, monkeypatch, reference):
     """Sample-space maps of four checkpoints: each checkpoint's Grams are formed once (not once per pair that
@@ -434,12 +443,7 @@ def test_compare_checkpoints_forms_each_sides_grams_once(cnns, batches, tmp_path
 
     from repsim_plugin.streaming.sample_space import SampleSpaceCKAMap
 
-    a, b = cnns
-    c, _ = train_digits_cnn(seed=2)
-    d, _ = train_digits_cnn(seed=3)
-    models = {"a.pt": a, "b.pt": b, "c.pt": c, "d.pt": d}
-    for name, model in models.items():
-        torch.save(model.state_dict(), tmp_path / name)
+    models = _four_checkpoints(cnns, tmp_path)
     formed, alive_before = [], []
     real = SampleSpaceCKAMap.grams
 
@@ -478,12 +482,7 @@ def test_compare_checkpoints_minibatch_forms_each_sides_batch_grams_once(
 
     from repsim_plugin.streaming.minibatch import MinibatchCKAMap
 
-    a, b = cnns
-    c, _ = train_digits_cnn(seed=2)
-    d, _ = train_digits_cnn(seed=3)
-    models = {"a.pt": a, "b.pt": b, "c.pt": c, "d.pt": d}
-    for name, model in models.items():
-        torch.save(model.state_dict(), tmp_path / name)
+    models = _four_checkpoints(cnns, tmp_path)
     formed = []
     real = MinibatchCKAMap._grams
 
