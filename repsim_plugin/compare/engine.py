@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import os
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,20 @@ def select(rows: Mapping[str, torch.Tensor], modules: tuple[str, ...] | None) ->
     if modules is None:
         return dict(rows)
     return {name: t for name, t in rows.items() if module_of(name) in modules}
+
+
+@contextmanager
+def sharing(acc: Any, pair: Pair, cache: dict[Any, torch.Tensor] | None) -> Iterator[bool]:
+    """Lend ``cache`` to ``acc`` (a map with ``shared_grams``) keyed by ``pair``'s sides for the block; yields
+    whether it was lent (None, or a map that shares nothing: not lent)."""
+    if cache is None or not hasattr(acc, "shared_grams"):
+        yield False
+        return
+    acc.shared_grams, acc.side_keys = cache, (pair.i, pair.j)
+    try:
+        yield True
+    finally:
+        acc.shared_grams = acc.side_keys = None
 
 
 def make_side(
@@ -204,17 +219,11 @@ class Engine:
         batch_grams: dict[Any, torch.Tensor] | None = {} if len(self.pairs) > 1 else None
         for pair, acc in self.accumulators.items():
             rows_a, rows_b = self.rows(pair)
-            shared = batch_grams is not None and hasattr(acc, "shared_grams")
-            if shared:
-                acc.shared_grams, acc.side_keys = batch_grams, (pair.i, pair.j)
-            try:
+            with sharing(acc, pair, batch_grams):
                 if rows_b is None:
                     acc.update(rows_a)
                 else:
                     acc.update(rows_a, rows_b)
-            finally:
-                if shared:
-                    acc.shared_grams = acc.side_keys = None
         if hasattr(first, "kept_bytes"):
             self._check_kept()
 
@@ -240,23 +249,20 @@ class Engine:
         computed: at most every side's at once, which the plan counts (``_side_maps``: each side's rows and Grams).
         """
         acc = self.accumulators[pair]
-        shared = len(self.pairs) > 1 and hasattr(acc, "shared_grams")
-        if shared:
-            acc.shared_grams, acc.side_keys = self._grams, (pair.i, pair.j)
-        try:
-            values = acc.compute()
-        finally:
-            if shared:
-                acc.shared_grams = acc.side_keys = None
-                self._computed.add(pair)
-                done = {
-                    side
-                    for side in (pair.i, pair.j)
-                    if all(p in self._computed for p in self.pairs if side in (p.i, p.j))
-                }
-                for key in [key for key in self._grams if key[0] in done]:
-                    del self._grams[key]
+        with sharing(acc, pair, self._grams if len(self.pairs) > 1 else None) as shared:
+            try:
+                values = acc.compute()
+            finally:
+                if shared:
+                    self._computed_shared(pair)
         return values, list(acc.layers_a), list(acc.layers_b)
+
+    def _computed_shared(self, pair: Pair) -> None:
+        """Count ``pair`` as computed and free the Grams of each of its sides whose last pair it was."""
+        self._computed.add(pair)
+        done = {side for side in (pair.i, pair.j) if all(p in self._computed for p in self.pairs if side in (p.i, p.j))}
+        for key in [key for key in self._grams if key[0] in done]:
+            del self._grams[key]
 
 
 def _estimate_n(data: Any, max_batches: int | None, rows_per_batch: int) -> int | None:

@@ -7,7 +7,7 @@ of ``measures.kernels.KERNELS`` works, since only each batch's Grams are formed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -227,26 +227,24 @@ class MinibatchCKAMap(_Kernel, MapAccumulator):
     ) -> tuple[torch.Tensor, Any]:
         """One side's stacked batch Grams and its key in ``shared_grams`` (None when not shared), taken from there
         where another map of the same engine formed them this batch, and left there for the maps after it."""
-        cache, sides = self.shared_grams, self.side_keys
         key = None
-        if cache is not None and sides is not None:
+        if self.shared_grams is not None and self.side_keys is not None:
             options = (self.kernel, repr(sorted(self.kernel_params.items())), getattr(self, "full_float64", False))
-            key = (sides[k], layout.names, options, str(device))
-        K = None if cache is None or key is None else cache.get(key)
-        if K is None:
-            K = self._grams(tensors, device)
-            if cache is not None and key is not None:
-                cache[key] = K
-        return K, key
+            key = (self.side_keys[k], layout.names, options, str(device))
+        return self._shared(key, lambda: self._grams(tensors, device)), key
 
     def _self_hsic(self, K: torch.Tensor, key: Any) -> torch.Tensor:
         """Unbiased HSIC(K_l, K_l) of a side's batch Grams, shared like the Grams (see :meth:`_side_grams`)."""
+        return self._shared(None if key is None else (key, "self"), lambda: self_hsic(K))
+
+    def _shared(self, key: Any, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``make()``, or what another map of the same engine made under ``key`` this batch (None: not shared)."""
         cache = self.shared_grams
         if cache is None or key is None:
-            return self_hsic(K)
-        if (key, "self") not in cache:
-            cache[key, "self"] = self_hsic(K)
-        return cache[key, "self"]
+            return make()
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
 
     def _check_shapes(self) -> None:
         if self._layout is None:
