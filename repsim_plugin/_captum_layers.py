@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .capture import capture, reduce_output
-from .capture.policies import infer_layout
+from .capture.outputs import infer_layout
 from .errors import RepsimError
 
 __all__ = ["CaptumLayers", "as_tuple"]

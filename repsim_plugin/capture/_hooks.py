@@ -23,7 +23,8 @@ from repsim_plugin.adapters import Adapter
 from repsim_plugin.errors import InputShapeError, LayerFiringError, RepsimWarning
 
 from .layers import LayerCalls
-from .policies import OutputSelector, layout_of, reduce_output, select_output
+from .outputs import OutputSelector, layout_of, select_output
+from .policies import reduce_output
 
 __all__ = ["ForwardHooks"]
 

@@ -42,7 +42,8 @@ from repsim_plugin.errors import RepsimError, StateError
 from . import _owners
 from ._hooks import ForwardHooks
 from .layers import LayerCalls, LayerSpec, resolve_layers
-from .policies import SPATIAL_POLICIES, TOKEN_POLICIES, LayoutOption, OutputSelector, describe_selector, rows_unit
+from .outputs import LayoutOption, OutputSelector, describe_selector
+from .policies import SPATIAL_POLICIES, TOKEN_POLICIES, rows_unit
 
 __all__ = ["CAPTURE_PARAMS", "Recorder", "capture"]
 
