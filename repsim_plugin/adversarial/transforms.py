@@ -30,11 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._utils.inputs import check_matrix, check_not_constant
+from .._utils.inputs import check_matrix
 from ..errors import DegenerateInputError, InputDtypeError, InputShapeError, RepsimError, UnknownNameError
 from ..measures import make
 from ..measures.kernels import center_columns
 from ..measures.registry import unit_scale
+from ._checks import analytic_data, as_data, as_direction, as_index, as_mask, as_scalar
 
 __all__ = [
     "add_outlier",
@@ -63,100 +64,6 @@ _QP_RIDGE = 1e-10
 _POSITIVE = 1e-9
 
 
-# --- input checks -------------------------------------------------------------------------------------------------
-
-
-def _data(X: Any, name: str = "X") -> torch.Tensor:
-    return check_matrix(X, name).to(torch.float64)
-
-
-def _analytic_data(X: Any) -> torch.Tensor:
-    """Validated float64 X, rejecting a constant X (``G = 0``: CKA and the participation ratio are undefined)."""
-    X = _data(X)
-    check_not_constant(X, "X")
-    return X
-
-
-def _mask(mask: Any, n: int, device: torch.device) -> torch.Tensor:
-    """A boolean vector of length n selecting a proper, non-empty subset of the rows."""
-    if isinstance(mask, torch.Tensor):
-        tensor = mask
-    else:
-        array = np.asarray(mask)
-        if array.dtype != np.bool_:
-            raise InputDtypeError(
-                f"mask has dtype {array.dtype}; pass a boolean vector marking the rows that move, e.g. "
-                "labels == 3, or build one from row indices: m = np.zeros(n, bool); m[indices] = True."
-            )
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if tensor.dtype != torch.bool:
-        raise InputDtypeError(
-            f"mask has dtype {tensor.dtype}; pass a boolean vector marking the rows that move, e.g. labels == 3, "
-            "or build one from row indices: m = torch.zeros(n, dtype=torch.bool); m[indices] = True."
-        )
-    if tensor.ndim != 1 or tensor.shape[0] != n:
-        raise InputShapeError(
-            f"mask has shape {tuple(tensor.shape)}; it must be a boolean vector with one entry per row of X ({n})."
-        )
-    moved = int(tensor.sum())
-    if moved == 0:
-        raise DegenerateInputError("mask selects no row, so nothing moves; mark at least one row True.")
-    if moved == n:
-        raise DegenerateInputError(
-            "mask selects every row: translating all of X is a global translation, which CKA ignores. "
-            "Mark a proper subset of the rows (at least one row must stay)."
-        )
-    return tensor.to(device)
-
-
-def _direction(direction: Any, d: int, device: torch.device, name: str = "direction") -> torch.Tensor:
-    """A unit float64 vector of length d."""
-    try:
-        v = torch.as_tensor(direction)
-    except (TypeError, ValueError, RuntimeError):
-        raise InputDtypeError(f"{name} must be a vector of {d} numbers, got {type(direction).__name__}.") from None
-    if v.dtype == torch.bool or v.is_complex():
-        raise InputDtypeError(f"{name} has dtype {v.dtype}; pass a real-valued vector of length {d}.")
-    v = v.to(device=device, dtype=torch.float64)
-    if v.ndim != 1 or v.shape[0] != d:
-        raise InputShapeError(
-            f"{name} has shape {tuple(v.shape)}; it must be a vector of length {d} (one entry per feature of X)."
-        )
-    if not bool(torch.isfinite(v).all()):
-        raise DegenerateInputError(f"{name} contains NaN or Inf; pass a finite vector.")
-    peak = v.abs().amax()
-    if float(peak) == 0.0:
-        raise DegenerateInputError(f"{name} is the zero vector, which has no direction; pass a non-zero vector.")
-    v = v / peak  # first to unit scale: the norm of entries near 1e154 and above would overflow to inf
-    return v / torch.linalg.vector_norm(v)
-
-
-def _scalar(value: Any, name: str) -> float:
-    if isinstance(value, bool):
-        raise InputDtypeError(f"{name} must be a real number, got {value!r}.")
-    try:
-        out = float(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise InputDtypeError(f"{name} must be a real number, got {value!r}.") from None
-    if not math.isfinite(out):
-        raise DegenerateInputError(
-            f"{name} must be finite, got {value!r}; for c -> infinity use the *_limit functions."
-        )
-    return out
-
-
-def _index(index: Any, n: int) -> int:
-    if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-        if isinstance(index, torch.Tensor) and index.ndim == 0 and not index.is_floating_point():
-            index = int(index)
-        else:
-            raise InputDtypeError(f"index must be an integer row number, got {index!r}.")
-    index = int(index)
-    if not -n <= index < n:
-        raise InputShapeError(f"index {index} is out of range for X with {n} rows.")
-    return index % n
-
-
 def _gram_frobenius(Xc: torch.Tensor) -> torch.Tensor:
     """``||X~^T X~||_F = ||X~ X~^T||_F``, from whichever Gram matrix is smaller."""
     n, d = Xc.shape
@@ -166,9 +73,9 @@ def _gram_frobenius(Xc: torch.Tensor) -> torch.Tensor:
 
 def _subset_statistics(X: Any, mask: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """``(X~, a, ||G||_F, s)`` of Theorem 1 for the rows of ``mask`` moving."""
-    X = _analytic_data(X)
+    X = analytic_data(X)
     n = X.shape[0]
-    moved = _mask(mask, n, X.device)
+    moved = as_mask(mask, n, X.device)
     m = int(moved.sum())
     Xc = center_columns(X)
     u = moved.to(torch.float64) - m / n
@@ -183,10 +90,10 @@ def translate_subset(X: Any, mask: Any, direction: Any, c: float) -> torch.Tenso
 
     This is the transformation of Theorem 1. Returns a new float64 (n, d) tensor; ``X`` is not modified.
     """
-    X = _data(X)
-    moved = _mask(mask, X.shape[0], X.device)
-    v = _direction(direction, X.shape[1], X.device)
-    shift = _scalar(c, "c") * v
+    X = as_data(X)
+    moved = as_mask(mask, X.shape[0], X.device)
+    v = as_direction(direction, X.shape[1], X.device)
+    shift = as_scalar(c, "c") * v
     return X + moved.to(torch.float64)[:, None] * shift[None, :]
 
 
@@ -195,11 +102,11 @@ def add_outlier(X: Any, index: int, direction: Any, c: float) -> torch.Tensor:
 
     Returns a new float64 (n, d) tensor; ``X`` is not modified.
     """
-    X = _data(X)
-    i = _index(index, X.shape[0])
-    v = _direction(direction, X.shape[1], X.device)
+    X = as_data(X)
+    i = as_index(index, X.shape[0])
+    v = as_direction(direction, X.shape[1], X.device)
     out = X.clone()
-    out[i] += _scalar(c, "c") * v
+    out[i] += as_scalar(c, "c") * v
     return out
 
 
@@ -209,7 +116,7 @@ def invertible_linear(X: Any, M: Any, *, max_condition: float = MAX_CONDITION) -
     Raises when ``M`` is not square of size d, or when its condition number exceeds ``max_condition`` (it is
     then singular to float64 precision and the map is not invertible in practice).
     """
-    X = _data(X)
+    X = as_data(X)
     M = check_matrix(M, "M").to(device=X.device, dtype=torch.float64)
     d = X.shape[1]
     if M.shape != (d, d):
@@ -236,7 +143,7 @@ def participation_ratio(X: Any) -> torch.Tensor:
 
     Between 1 (all variance along one direction) and d (isotropic). Computed as ``tr(G)^2 / ||G||_F^2``.
     """
-    Xc = center_columns(unit_scale(_analytic_data(X)))  # scale-free: at unit scale nothing over- or underflows
+    Xc = center_columns(unit_scale(analytic_data(X)))  # scale-free: at unit scale nothing over- or underflows
     return Xc.square().sum().square() / _gram_frobenius(Xc).square()
 
 
@@ -250,7 +157,7 @@ def subset_translation_limit(X: Any, mask: Any) -> torch.Tensor:
     ``sqrt(PR) / E||x||^2 = 1 / sqrt(sum lambda_i^2)``. The value does not depend on the direction, and is
     the same whichever side of the mask moves.
     """
-    _, a, gram_norm, s = _subset_statistics(unit_scale(_data(X)), mask)  # scale-free, computed at unit scale
+    _, a, gram_norm, s = _subset_statistics(unit_scale(as_data(X)), mask)  # scale-free, computed at unit scale
     return a.square().sum() / (s * gram_norm)
 
 
@@ -262,7 +169,7 @@ def subset_translation_cka(X: Any, mask: Any, direction: Any, c: Any) -> torch.T
     overflows nor loses precision. ``c`` is a number (0-d result) or a 1-D sequence of numbers (1-D result).
     """
     Xc, a, gram_norm, s = _subset_statistics(X, mask)
-    v = _direction(direction, Xc.shape[1], Xc.device)
+    v = as_direction(direction, Xc.shape[1], Xc.device)
     try:
         cs = c if isinstance(c, torch.Tensor) else torch.as_tensor(np.asarray(c))
     except (TypeError, ValueError, RuntimeError):
@@ -299,16 +206,16 @@ def scale_for_target_cka(
     then refined by bisection. Raises when CKA stays above ``target`` over that range (the reachable minimum and
     Theorem 1's limit are in the message).
     """
-    target = _scalar(target, "target")
+    target = as_scalar(target, "target")
     make("cka").check_target(target)
     if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
         raise RepsimError(f"grid must be an integer >= 2 (points of the log grid of c), got {grid!r}.")
-    if not 1e-6 < _scalar(max_scale, "max_scale") < math.inf:
+    if not 1e-6 < as_scalar(max_scale, "max_scale") < math.inf:
         raise RepsimError(
             f"max_scale must be a finite number above 1e-6 (the grid runs from 1e-6 to max_scale times the data "
             f"scale), got {max_scale!r}."
         )
-    X = _analytic_data(X)
+    X = analytic_data(X)
     scale = float(center_columns(X).square().sum(dim=1).mean().sqrt())
     cs = scale * torch.logspace(-6, math.log10(max_scale), grid, dtype=torch.float64)
     values = subset_translation_cka(X, mask, direction, cs)
@@ -343,9 +250,9 @@ def outlier_limit(X: Any, index: int) -> torch.Tensor:
     Theorem 1 with one moved row (``m = 1``), exactly: ``||a||^2 / (s ||G||_F)`` with ``a = x^``,
     ``s = (n - 1) / n``.
     """
-    X = unit_scale(_analytic_data(X))  # scale-free, computed at unit scale
+    X = unit_scale(analytic_data(X))  # scale-free, computed at unit scale
     n = X.shape[0]
-    i = _index(index, n)
+    i = as_index(index, n)
     if n < 2:
         raise DegenerateInputError("X has a single row; an outlier needs at least one other row that stays.")
     Xc = center_columns(X)
@@ -414,6 +321,14 @@ def separability_preserving_direction(
         if float(torch.linalg.vector_norm(v)) <= 1e-8 * math.sqrt(d):  # ones lies in the row space: any null vector
             v = null_basis[:, 0]
         return v / torch.linalg.vector_norm(v)
+    return _nonneg_null_direction(W, Q, keep=keep, exact=exact)
+
+
+def _nonneg_null_direction(W: torch.Tensor, Q: torch.Tensor, *, keep: str, exact: bool) -> torch.Tensor:
+    """The unit direction of the paper's QP for ``nonneg=True`` (Q: an orthonormal basis of W's rows); see
+    :func:`separability_preserving_direction` for when it is exact and what ``exact=False`` returns."""
+    k, d = W.shape
+    rank = Q.shape[1]
     try:
         from scipy.optimize import lsq_linear
     except ModuleNotFoundError as error:  # pragma: no cover - scipy ships with the 'all' extra
@@ -460,4 +375,4 @@ def logit_change(W: Any, direction: Any, c: float = 1.0) -> torch.Tensor:
     value in every entry with ``keep="probabilities"``.
     """
     W = _classifier_weight(W)
-    return _scalar(c, "c") * (W @ _direction(direction, W.shape[1], W.device))
+    return as_scalar(c, "c") * (W @ as_direction(direction, W.shape[1], W.device))
