@@ -10,7 +10,8 @@ suite runs this over every registered id.
 It also probes the properties a measure does *not* declare (invariances, symmetry, the metric axioms of a
 distance): one that holds numerically is listed in ``report.notes`` ("declared too little"), and with
 ``strict=True`` it counts as a failure. Warnings of the package (``RepsimWarning``) are expected at the tiny
-sample sizes some checks use and are silenced there.
+sample sizes some checks use and are silenced there. The checks themselves, one function per property, are in
+:mod:`repsim_plugin._conformance`.
 """
 
 from __future__ import annotations
