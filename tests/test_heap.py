@@ -1,4 +1,4 @@
-"""``retained_heap``: freed memory reused instead of faulted in again, then returned; results unchanged.
+"""``retained_heap``: freed memory reused instead of faulted in again, returned after a delay; results unchanged.
 
 Page faults and RSS are read in a fresh interpreter (``resource.getrusage``, ``/proc/self/statm``), so that the test
 process's own heap state does not enter.
@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(heap._libc() is None, reason="glibc's malloc onl
 PROBE = textwrap.dedent(
     """
     import json, os, resource, sys, torch
+    from repsim_plugin._utils import heap
     from repsim_plugin._utils.heap import retained_heap
 
     def faults(times=8):
@@ -53,7 +54,25 @@ PROBE = textwrap.dedent(
         keep = [torch.ones(16 * 2**20) for _ in range(8)]  # 512 MiB, freed before leaving
         out["rss_peak"] = rss_mib()
         del keep
+    out["trim_pending"] = heap._pending_trim is not None
+    with retained_heap():  # entered within the delay: the 512 MiB left in the heap is taken again
+        out["trim_pending_inside"] = heap._pending_trim is not None
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        keep = [torch.ones(16 * 2**20) for _ in range(8)]
+        out["second_block_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        del keep
+    timer = heap._pending_trim  # None where the policy does not apply
+    if timer is not None:
+        timer.join(heap.TRIM_DELAY_S + 30)
+    out["trim_pending_after_delay"] = heap._pending_trim is not None
     out["rss_after"] = rss_mib()
+    with retained_heap():
+        keep = [torch.ones(16 * 2**20) for _ in range(8)]
+        del keep
+    out["rss_before_release"] = rss_mib()
+    out["released"] = heap.release_now()
+    out["rss_released"] = rss_mib()
+    out["released_twice"] = heap.release_now()
     print(json.dumps(out))
     """
 )
@@ -78,9 +97,18 @@ def test_inside_freed_memory_is_reused_and_on_leaving_returned() -> None:
     assert out["inside"] <= 2 * PAGES_64_MIB, out
     # a nested block's exit leaves the outer block's policy in place
     assert out["after_inner_exit"] <= 2 * PAGES_64_MIB, out
-    # the 512 MiB freed inside is given back on leaving (trimmed), not held by the process
+    # the 512 MiB freed inside waits in the heap for a block entered within TRIM_DELAY_S, which cancels the trim
+    # and takes it again without faulting it in (8 x 64 MiB fresh would be 8 x 16384 faults)
     assert out["rss_peak"] - out["rss_start"] >= 450, out
+    assert out["trim_pending"] is True and out["trim_pending_inside"] is False, out
+    assert out["second_block_faults"] <= 2 * PAGES_64_MIB, out
+    # TRIM_DELAY_S after the last block, it is given back (trimmed), not held by the process
+    assert out["trim_pending_after_delay"] is False, out
     assert out["rss_after"] - out["rss_start"] <= 64, out
+    # release_now gives it back at once, and says whether there was anything to give
+    assert out["rss_before_release"] - out["rss_start"] >= 450, out
+    assert out["released"] is True and out["released_twice"] is False, out
+    assert out["rss_released"] - out["rss_start"] <= 64, out
     # on leaving, the thresholds are back at glibc's ceilings: a 64 MiB block is mapped afresh again (checked
     # after an empty block: after a busy one glibc may serve it from a free chunk left in the heap, pages released)
     assert out["after_an_empty_block"] >= 6 * PAGES_64_MIB, out

@@ -5,10 +5,13 @@ unmaps it again on ``free``, and trims the top of the heap once more than twice 
 allocates and frees activations of tens of MiB per layer, so every batch faults the same memory in again, page
 by page: two resnet18 on 1024 images of 3x64x64 took 500-650k minor faults per pass, 0.8-1.0 s of system time
 and 25% of the pass's wall time (``benchmarks/RESULTS.md``). Inside :func:`retained_heap` the freed memory stays in
-the heap and is reused by the next batch; on leaving, the heap is trimmed (``malloc_trim``) so the memory goes back
-to the system, and both thresholds are set to the ceilings glibc's dynamic thresholds rise to (32 MiB and 64 MiB;
-mallopt cannot switch the dynamic adjustment back on, nor report thresholds the caller's own code set, which are
-replaced). Nothing computed changes: only where freed memory waits.
+the heap and is reused by the next batch. On leaving, both thresholds are set to the ceilings glibc's dynamic
+thresholds rise to (32 MiB and 64 MiB; mallopt cannot switch the dynamic adjustment back on, nor report thresholds
+the caller's own code set, which are replaced), and the heap is trimmed (``malloc_trim``) :data:`TRIM_DELAY_S`
+later, so the memory goes back to the system. A block entered before then cancels the trim and reuses the memory:
+a loop of calls (checkpoints one after another, a cell run again) does not fault its rows and activations in again
+on every call (W2's warm calls: 0.3-0.9 s, 6-17%, in ``benchmarks/RESULTS.md``). :func:`release_now` trims at once.
+Nothing computed changes: only where freed memory waits.
 
 Left alone: a non-glibc platform, an allocator preloaded in place of malloc (jemalloc, tcmalloc, mimalloc), and
 thresholds the user chose through the environment (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
@@ -36,9 +39,13 @@ RESTORE_MMAP_BYTES = 32 * 2**20
 RESTORE_TRIM_BYTES = 64 * 2**20
 #: The environment variable that turns it off ("0").
 OFF_SWITCH = "REPSIM_RETAIN_HEAP"
+#: Seconds between leaving the last block and trimming the heap: longer than the gap between calls in a loop.
+TRIM_DELAY_S = 1.0
 
 _lock = threading.Lock()
 _depth = 0
+#: The timer that trims the heap after the last block was left (None when no trim is pending).
+_pending_trim: threading.Timer | None = None
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -77,6 +84,7 @@ def retained_heap() -> Iterator[bool]:
     libc = _libc()
     with _lock:
         if _depth == 0:
+            _cancel_pending_trim()
             libc.mallopt(M_MMAP_THRESHOLD, RETAIN_BYTES)
             libc.mallopt(M_TRIM_THRESHOLD, RETAIN_BYTES)
         _depth += 1
@@ -88,11 +96,49 @@ def retained_heap() -> Iterator[bool]:
             if _depth == 0:
                 libc.mallopt(M_MMAP_THRESHOLD, RESTORE_MMAP_BYTES)
                 libc.mallopt(M_TRIM_THRESHOLD, RESTORE_TRIM_BYTES)
-                libc.malloc_trim(0)
+                _schedule_trim()
+
+
+def _cancel_pending_trim() -> None:
+    """Drop the pending trim (the caller holds ``_lock``)."""
+    global _pending_trim
+    if _pending_trim is not None:
+        _pending_trim.cancel()
+        _pending_trim = None
+
+
+def _schedule_trim() -> None:
+    """Trim the heap :data:`TRIM_DELAY_S` from now unless a block is entered first (the caller holds ``_lock``)."""
+    global _pending_trim
+    _cancel_pending_trim()
+    timer = threading.Timer(TRIM_DELAY_S, _trim_if_still_idle)
+    timer.daemon = True  # an exiting interpreter gives all its memory back anyway
+    _pending_trim = timer
+    timer.start()
+
+
+def _trim_if_still_idle() -> None:
+    global _pending_trim
+    with _lock:
+        if _depth == 0 and _pending_trim is threading.current_thread():
+            _pending_trim = None
+            _libc().malloc_trim(0)
+
+
+def release_now() -> bool:
+    """Give the memory freed in the last :func:`retained_heap` block back to the system now, not
+    :data:`TRIM_DELAY_S` later; returns whether a trim was pending (False inside a block, where it is in use)."""
+    global _pending_trim
+    with _lock:
+        if _depth != 0 or _pending_trim is None:
+            return False
+        _cancel_pending_trim()
+        _libc().malloc_trim(0)
+        return True
 
 
 def with_retained_heap(func: _F) -> _F:
-    """Run ``func`` inside :func:`retained_heap`; its locals (kept rows, Grams) are freed before the heap is trimmed."""
+    """Run ``func`` inside :func:`retained_heap`; its locals (kept rows, Grams) are freed before the block is left."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
