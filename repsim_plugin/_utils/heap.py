@@ -10,7 +10,7 @@ thresholds rise to (32 MiB and 64 MiB; mallopt cannot switch the dynamic adjustm
 the caller's own code set, which are replaced), and the heap is trimmed (``malloc_trim``) :data:`TRIM_DELAY_S`
 later, so the memory goes back to the system. A block entered before then cancels the trim and reuses the memory:
 a loop of calls (checkpoints one after another, a cell run again) does not fault its rows and activations in again
-on every call (W2's warm calls: 0.3-0.9 s, 6-17%, in ``benchmarks/RESULTS.md``). :func:`release_now` trims at once.
+on every call (W2's warm calls: 0.25-0.9 s, 5-17%, in ``benchmarks/RESULTS.md``). :func:`release_now` trims at once.
 Nothing computed changes: only where freed memory waits.
 
 Left alone: a non-glibc platform, an allocator preloaded in place of malloc (jemalloc, tcmalloc, mimalloc), and
@@ -111,30 +111,27 @@ def _schedule_trim() -> None:
     """Trim the heap :data:`TRIM_DELAY_S` from now unless a block is entered first (the caller holds ``_lock``)."""
     global _pending_trim
     _cancel_pending_trim()
-    timer = threading.Timer(TRIM_DELAY_S, _trim_if_still_idle)
+    timer = threading.Timer(TRIM_DELAY_S, _trim_if_pending, kwargs={"from_timer": True})
     timer.daemon = True  # an exiting interpreter gives all its memory back anyway
     _pending_trim = timer
     timer.start()
 
 
-def _trim_if_still_idle() -> None:
-    global _pending_trim
+def _trim_if_pending(*, from_timer: bool = False) -> bool:
+    """Trim now if a trim is pending and no block runs; ``from_timer``: only if the calling timer is the pending one."""
     with _lock:
-        if _depth == 0 and _pending_trim is threading.current_thread():
-            _pending_trim = None
-            _libc().malloc_trim(0)
+        pending = _pending_trim
+        if _depth != 0 or pending is None or (from_timer and pending is not threading.current_thread()):
+            return False
+        _cancel_pending_trim()
+        _libc().malloc_trim(0)
+        return True
 
 
 def release_now() -> bool:
     """Give the memory freed in the last :func:`retained_heap` block back to the system now, not
     :data:`TRIM_DELAY_S` later; returns whether a trim was pending (False inside a block, where it is in use)."""
-    global _pending_trim
-    with _lock:
-        if _depth != 0 or _pending_trim is None:
-            return False
-        _cancel_pending_trim()
-        _libc().malloc_trim(0)
-        return True
+    return _trim_if_pending()
 
 
 def with_retained_heap(func: _F) -> _F:
