@@ -14,7 +14,7 @@ from . import errors, measures
 # the packages ``capture`` and ``compare`` are named after their main function, which is what ``rp.capture`` /
 # ``rp.compare`` are (a package attribute is set to a submodule only when the submodule is first loaded, here)
 from .capture import capture
-from .compare import checkpoint_trajectory, compare, compare_checkpoints
+from .compare import checkpoint_trajectory, compare, compare_checkpoints, release_memory
 from .errors import RepsimError
 from .results import SimilarityMap
 from .trajectory import Trajectory
@@ -40,6 +40,7 @@ __all__ = [
     "compare_checkpoints",
     "errors",
     "measures",
+    "release_memory",
     "similarity",
     *_LAZY,
 ]

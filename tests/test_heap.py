@@ -147,3 +147,18 @@ def test_compare_keeps_its_signature_and_docs() -> None:
     assert "memory_budget" in inspect.signature(rp.compare).parameters
     assert rp.compare.__doc__ and rp.compare.__doc__.startswith("Layer x layer similarity")
     assert rp.compare.__name__ == "compare"
+
+
+def test_release_memory_gives_back_what_the_last_compare_left_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a delay no slow machine reaches between compare's return and the call below: the trim is still pending then
+    monkeypatch.setattr(heap, "TRIM_DELAY_S", 600.0)
+    a, b = _convnet(0), _convnet(1)
+    data = [torch.randn(32, 3, 12, 12, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    rp.compare(a, b, data, ["1", "3"], ["1", "3"], progress=False)
+    timer = heap._pending_trim
+    assert timer is not None and timer.is_alive()
+    assert rp.release_memory() is True
+    assert heap._pending_trim is None
+    timer.join(5)
+    assert not timer.is_alive()  # the timer was cancelled, not left to trim again 600 s from now
+    assert rp.release_memory() is False

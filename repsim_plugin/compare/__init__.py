@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from .api import COMPARE_PARAMS, checkpoint_trajectory, compare, compare_checkpoints, load_checkpoint
+from .api import COMPARE_PARAMS, checkpoint_trajectory, compare, compare_checkpoints, load_checkpoint, release_memory
 from .plan import DEFAULT_MEMORY_BUDGET, ESTIMATOR_CHOICES, Plan, choose_estimator, parse_bytes
 
 __all__ = [
@@ -20,4 +20,5 @@ __all__ = [
     "compare_checkpoints",
     "load_checkpoint",
     "parse_bytes",
+    "release_memory",
 ]

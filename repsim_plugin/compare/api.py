@@ -19,7 +19,7 @@ from torch import nn
 
 from .._utils.batches import check_data
 from .._utils.checks import Bool, Instance, Int, Optional, Where, check_params
-from .._utils.heap import with_retained_heap
+from .._utils.heap import release_now, with_retained_heap
 from .._utils.io import load_state_dict
 from ..capture import Recorder
 from ..errors import RepsimError
@@ -30,7 +30,14 @@ from ._maps import pair_map, resumed, run_pass
 from .engine import Pair, Side, make_side
 from .plan import DEFAULT_MEMORY_BUDGET
 
-__all__ = ["COMPARE_PARAMS", "checkpoint_trajectory", "compare", "compare_checkpoints", "load_checkpoint"]
+__all__ = [
+    "COMPARE_PARAMS",
+    "checkpoint_trajectory",
+    "compare",
+    "compare_checkpoints",
+    "load_checkpoint",
+    "release_memory",
+]
 
 #: Constraints of the options of :func:`compare` and :func:`compare_checkpoints` (the capture options and the
 #: estimator are checked where they are used: by the recorder and the planner).
@@ -349,3 +356,14 @@ def checkpoint_trajectory(
     series: layer k of the reference against layer k of every other checkpoint, in the order given.
     """
     return Trajectory.from_maps(compare_checkpoints(build_model, checkpoints, data, reference=reference, **options))
+
+
+def release_memory() -> bool:
+    """Give back to the system now the memory the last :func:`compare` / :func:`compare_checkpoints` freed.
+
+    On glibc those calls keep their freed rows and activations in the heap for one second after returning, so that
+    a next call reuses them instead of faulting them in again, and trim the heap then. Call this where the memory
+    is wanted back at once (before a memory-hungry step of your own). Returns whether there was memory waiting
+    (False when none was, or on other platforms, where nothing is kept).
+    """
+    return release_now()
