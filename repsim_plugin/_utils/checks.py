@@ -203,7 +203,18 @@ class Instance(Constraint):
         return isinstance(value, self.types) and not (isinstance(value, bool) and bool not in _as_tuple(self.types))
 
     def bad_values(self) -> list[Any]:
-        return [object()]
+        return [_FOREIGN]
+
+
+class _Foreign:
+    """A value of no accepted type whose repr is the same in every process (test ids: pytest-xdist's workers
+    must collect the same names)."""
+
+    def __repr__(self) -> str:
+        return "<foreign object>"
+
+
+_FOREIGN = _Foreign()
 
 
 @dataclass(frozen=True)
