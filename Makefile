@@ -25,8 +25,9 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m repsim_plugin.demo --out out
 
+# -n auto: one pytest-xdist worker per core (tests/conftest.py gives each its share of threads)
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto
 
 # mypy sees the installed layout: a tree of links with adapters/ as repsim_plugin/adapters
 TYPECHECK := build/typecheck/repsim_plugin

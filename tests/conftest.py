@@ -1,4 +1,4 @@
-"""Shared test configuration: offline, deterministic, hypothesis profiles."""
+"""Shared test configuration: offline, deterministic, hypothesis profiles, threads under pytest-xdist."""
 
 from __future__ import annotations
 
@@ -11,6 +11,14 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+# Under pytest-xdist (`make test` runs `-n auto`) the workers share the cores: each gets its share of threads, and
+# the processes a test starts inherit it (two workers of two threads on two cores make OpenMP wait: see one_thread).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+if _WORKERS > 1:
+    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _CORES // _WORKERS)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 settings.register_profile(
     "default",
