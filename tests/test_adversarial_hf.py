@@ -288,10 +288,11 @@ MINILM_RECIPE = {
 @pytest.mark.slow
 def test_minilm_block_moves_by_half_while_every_unseen_sentence_keeps_its_embedding(minilm):
     """Issue 13, point 5: MiniLM block 3 moved by at least 0.5 in CKA while every sentence embedding it never saw
-    keeps cosine >= 0.98 (judged at 0.97 since 2026-12-06: see the assertion). The 160 given sentences and 118 more
-    (``minilm_sentences.py``, none sharing two content words with an unseen one) under :data:`MINILM_RECIPE`, judged
-    by this file's float64 debiased CKA and cosines on the 40 sentences the run never saw. Seeds 1-4 passed too
-    (README); the margins are thin."""
+    keeps cosine >= 0.98 (judged at 0.97 since 2026-12-06, on an AVX2 host: see the assertion). The 160 given
+    sentences and 118 more (``minilm_sentences.py``, none sharing two content words with an unseen one) under
+    :data:`MINILM_RECIPE`, judged by this file's float64 debiased CKA and cosines on the 40 sentences the run never
+    saw. Seeds 1-4 passed too on the AVX-512 host; on the AVX2 host seeds 0 and 2 keep 0.97 (README): the margins
+    are thin."""
     model, tokenizer = minilm
     batch = dict(tokenizer(GIVEN + EXTRA_SENTENCES, padding=True, return_tensors="pt"))
     with warnings.catch_warnings(record=True) as caught:
@@ -319,10 +320,10 @@ def test_minilm_block_moves_by_half_while_every_unseen_sentence_keeps_its_embedd
     after = debiased_cka64(pooled(result.model, unseen, 4), pooled(model, unseen, 4))
     cosine = torch.nn.functional.cosine_similarity(pooled(result.model, unseen, -1), pooled(model, unseen, -1), dim=1)
     assert before == pytest.approx(1.0)
-    assert before - after >= 0.5  # measured 1.00 -> 0.300 (seeds 1-4: 0.485, 0.396, 0.330, 0.433)
-    # every unseen sentence. Measured 0.9806 (seeds 1-4: 0.989, 0.982, 0.982, 0.992) until 2026-12-06, when a fresh
-    # install of the same code (torch 2.14.1, transformers 5.25.0 or 5.24.0: the same forward bits) gave 0.9734 on
-    # seed 0, the same in every process; the package that moved the trajectory was not found. Judged at 0.97 now.
+    assert before - after >= 0.5  # measured 1.00 -> 0.300 (seeds 1-4: 0.485, 0.396, 0.330, 0.433); AVX2 host: 0.332
+    # every unseen sentence. Measured 0.9806 (seeds 1-4: 0.989, 0.982, 0.982, 0.992) on an AVX-512 host until
+    # 2026-12-06; on the AVX2-only host since, whose kernels round differently, 0.9734 (seeds 1-4: 0.983, 0.974,
+    # 0.989, 0.981), the same in every process. Judged at 0.97 (README).
     assert float(cosine.min()) >= 0.97
     assert result.lr == 1e-4 and result.steps == 150
     assert result.history[0]["lambda"] == 0.5  # lambda_init=None under preserve="embedding"

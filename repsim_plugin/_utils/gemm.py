@@ -1,8 +1,9 @@
 """Long float32 products on oneDNN's kernels, opt-in (``REPSIM_ONEDNN=1``): twice MKL's speed here, rounding worse.
 
 torch multiplies CPU float32 matrices in MKL, which takes its AVX2 kernels on non-Intel processors: on the 2-core
-AMD EPYC (AVX-512) that the benchmarks run on, the 1024 x 1024 Gram of 16384 features took 0.153 s in MKL and
-0.071 s in oneDNN, the library torch already carries for its convolutions (``benchmarks/RESULTS.md``).
+AMD EPYC (AVX-512) that the benchmarks ran on until 2026-12-05, the 1024 x 1024 Gram of 16384 features took
+0.153 s in MKL and 0.071 s in oneDNN, the library torch already carries for its convolutions
+(``benchmarks/RESULTS.md``).
 
 oneDNN rounds differently, though, and on the pairs that stress float32 products most it rounds worse, also on
 long sums: where the terms cancel (deviations from a mean) its error was 1.7-1.9x MKL's at 16384-32768 terms, and
