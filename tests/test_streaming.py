@@ -293,6 +293,40 @@ def test_map_matches_every_pair_one_shot(debiased):
     torch.testing.assert_close(torch.diagonal(S), torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-14)
 
 
+@pytest.mark.parametrize("debiased", [False, True], ids=["biased", "debiased"])
+@pytest.mark.parametrize("same", [False, True], ids=["two_sides", "same"])
+def test_rows_upcast_a_chunk_at_a_time_give_the_one_chunk_moments(monkeypatch, debiased, same):
+    """A batch of many chunks (5 rows each here, layers in float16 and float32) keeps every moment of one chunk."""
+    from repsim_plugin.streaming import _moments
+
+    acts_a = _layers(97, 11)
+    acts_a["half"] = (acts_a["y"] - 1e4).half()
+    acts_b = {"z2": acts_a["z"][:, :5], "half": acts_a["half"], "y": acts_a["y"]}
+
+    def fill() -> LinearCKAMap:
+        acc = LinearCKAMap(debiased, same=same)
+        for i in (0, 40):  # a second batch moves the center, so the chunks add around a non-zero one
+            stop = 40 if i == 0 else 97
+            acc.update(
+                {k: v[i:stop] for k, v in acts_a.items()},
+                None if same else {k: v[i:stop] for k, v in acts_b.items()},
+            )
+        return acc
+
+    whole = fill()
+    assert _moments.chunk_rows(1) >= 97  # the unpatched batches are one chunk each
+    monkeypatch.setattr(_moments, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(_moments, "CHUNK_MIN_ROWS", 5)
+    chunked = fill()
+    assert chunked.n == whole.n == 97
+    for key, value in whole._m.t.items():
+        torch.testing.assert_close(chunked._m.t[key], value, rtol=1e-12, atol=1e-9, msg=key)
+    M = chunked.compute()
+    for i, a in enumerate(acts_a.values()):
+        for j, b in enumerate((acts_a if same else acts_b).values()):
+            assert float(M[i, j]) == pytest.approx(textbook(a, b, debiased), abs=TOL)
+
+
 def test_map_same_detection_and_misuse():
     acts = _layers(20, 10)
     auto = LinearCKAMap()

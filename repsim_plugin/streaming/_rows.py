@@ -114,8 +114,8 @@ def validate_rows(acts: Acts, label: Label, *, finite: bool = True) -> dict[str,
 
 
 def extremes(Xs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Column minima and maxima (2, D) of each float64 batch; NaN and Inf propagate into them."""
-    return [torch.stack([X.amin(0), X.amax(0)]) for X in Xs]
+    """Column minima and maxima (2, D) of each batch, in float64 (exact); NaN and Inf propagate into them."""
+    return [torch.stack([X.amin(0), X.amax(0)]).to(F64) for X in Xs]
 
 
 def check_finite(found: list[torch.Tensor], groups: Sequence[Group]) -> None:
@@ -167,8 +167,12 @@ def order_like(acts: dict[str, torch.Tensor], layout: _Layout, arg: str) -> list
 
 
 def concat(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Concatenate along features, upcast to float64 on ``device`` before any arithmetic."""
-    parts = [t.detach().to(device=device, dtype=F64) for t in tensors]
+    """Concatenate along features on ``device``, in the layers' common floating dtype (a copy or an upcast: exact).
+
+    No float64 copy of the whole batch: the moments upcast a chunk of rows at a time (``_Moments._add_rows_``),
+    so a stream's transient memory stays a few MiB whatever its batch size.
+    """
+    parts = [t.detach().to(device=device) for t in tensors]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 

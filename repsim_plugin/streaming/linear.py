@@ -15,7 +15,7 @@ import torch
 
 from .._utils.checks import Bool, check_params
 from ..errors import RepsimError, TooFewSamplesError
-from ._moments import _Moments
+from ._moments import _Moments, chunk_rows
 from ._reductions import Reduction
 from ._rows import F64, Acts, _Layout, check_finite, check_same_rows, concat, extremes, label_x, label_y, order_like
 from .base import SAME, MapAccumulator, Maps, check_header
@@ -111,8 +111,10 @@ class LinearCKAMap(MapAccumulator):
 
         The state is O(sum d^2 + sum_pairs d_a d_b): per layer its Gram, per pair its cross moment, plus O(d)
         vectors (and O(L d) for the debiased third-order terms). With ``batch_size`` the estimate adds the
-        transient per-update buffers: the batch upcast to float64 and centered (2 b D per side) and the row
-        norms. ``merge`` and ``compute(sync='auto')`` under ``torch.distributed`` briefly hold a second state.
+        transient per-update buffers: the batch's layers concatenated (at most 8 b D bytes), and one chunk of its
+        rows upcast and centered (:func:`~repsim_plugin.streaming._moments.chunk_rows` rows at most; with the
+        row norms and their products when debiased). ``merge`` and ``compute(sync='auto')`` under
+        ``torch.distributed`` briefly hold a second state.
         """
         a = _Layout(tuple(str(i) for i in range(len(dims_a))), tuple(int(d) for d in dims_a))
         b = (
@@ -124,7 +126,8 @@ class LinearCKAMap(MapAccumulator):
         if batch_size:
             width = a.total + (0 if b is None else b.total)
             layers = a.n_layers + (0 if b is None else b.n_layers)
-            state += 8 * int(batch_size) * (2 * width + (layers if debiased else 0))
+            rows = min(int(batch_size), chunk_rows(width))
+            state += 8 * int(batch_size) * width + 8 * rows * ((2 * width + layers) if debiased else width)
         return state
 
     @classmethod

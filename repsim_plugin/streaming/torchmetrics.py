@@ -101,7 +101,7 @@ class TorchmetricsLinearCKA(Metric):
         m = self._moments()
         device = self.stats.device
         with torch.no_grad():
-            m.update_(X.detach().to(device, F64), Y.detach().to(device, F64))
+            m.update_(X.detach().to(device), Y.detach().to(device))  # upcast a chunk of rows at a time
         self.stats = pack(m)
 
     def compute(self) -> torch.Tensor:
