@@ -478,6 +478,7 @@ def w3(quick: bool, rounds: int) -> dict[str, Any]:
         data = _child("W3", f"{n}{W3_DATA_ONLY}", quick)
         if "error" not in row:
             row["data_only_peak_rss_mib"] = data.get("peak_rss_mib")
+            row["data_only_seconds"] = data.get("seconds")
             rows.append(row)
     base = next((r for r in rows if r["n"] == 20000), rows[0] if rows else None)
     for r in rows:

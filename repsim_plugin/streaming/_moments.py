@@ -31,9 +31,10 @@ from ._rows import F64, Label, _Layout, extremes, ratio_table, warn_bias
 Spec = tuple[str, tuple[int, ...], float, str]
 
 #: Bytes of float64 rows (both sides) upcast at a time by an update; chunks have at least CHUNK_MIN_ROWS rows.
-#: W3 (d = 256 a side, batches of 10k, AVX2 host, 5 fresh processes each, median peak RSS at 20k -> 1M rows):
-#: whole batches 651 -> 652 MiB in 11.9 s; 8 MiB chunks 592 -> 623 MiB, 10.7 s; 1 MiB 578 -> 617 MiB, 11.2 s;
-#: 512 KiB (128 rows) 574 -> 574 MiB, 11.0 s. One 10000 x (2048 + 1024) update took 2.05-2.23 s for any chunk.
+#: W3 (d = 256 a side, batches of 10k, AVX2 host, fresh processes, peak RSS at 20k -> 1M rows): whole batches
+#: upcast 651 -> 652 MiB; chunks of 8 MiB 602-618 -> 632-661 MiB, of 2 MiB 597-613 -> 619 MiB, of 512 KiB
+#: (128 rows) 574 -> 574 MiB in every run, at the same speed. One 10000 x (2048 + 1024) update: 2.05-2.23 s
+#: for any chunk from 64 rows to the whole batch.
 CHUNK_BYTES = 2**19
 #: Fewest rows a chunk holds, so that wide layers still multiply in panels the BLAS runs at full speed.
 CHUNK_MIN_ROWS = 128
@@ -252,27 +253,36 @@ class _Moments:
 
     # adding data ----------------------------------------------------------------------------------------------------
     def _add_rows_(self, XA: torch.Tensor, XB: torch.Tensor | None, found: list[torch.Tensor]) -> None:
-        """Add rows' moments around the current center, upcast to float64 a chunk of rows at a time."""
-        for key, ext in zip(["a"] if self.same else ["a", "b"], found, strict=True):
+        """Add rows' moments around the current center, upcast to float64 a chunk of rows at a time.
+
+        Each chunk is centred into one float64 buffer per side, allocated once per update: the same blocks every
+        chunk, so a long stream does not fragment the heap (W3's peak RSS stays flat to 1M rows).
+        """
+        two = not self.same
+        XB = XA if two and XB is None else XB
+        for key, ext in zip(["a", "b"] if two else ["a"], found, strict=True):
             torch.minimum(self.t[f"{key}.min"], ext[0], out=self.t[f"{key}.min"])
             torch.maximum(self.t[f"{key}.max"], ext[1], out=self.t[f"{key}.max"])
-        width = XA.shape[1] + (0 if self.same or XB is None else XB.shape[1])
-        step = chunk_rows(width)
-        for i in range(0, XA.shape[0], step):
-            self._add_chunk_(XA[i : i + step], None if XB is None else XB[i : i + step])
-        self.n += XA.shape[0]
+        b = XA.shape[0]
+        step = min(b, chunk_rows(XA.shape[1] + (XB.shape[1] if two and XB is not None else 0)))
+        sides = [("a", XA, self.a)] + ([("b", XB, self._b())] if two and XB is not None else [])
+        buffers = [torch.empty(step, X.shape[1], dtype=F64, device=self.device) for _, X, _ in sides]
+        grams = {key: list(zip(self.grams(key), lay.blocks(), strict=True)) for key, _, lay in sides} if two else {}
+        for i in range(0, b, step):
+            centred = [
+                torch.sub(X[i : i + step], self.t[f"{key}.center"], out=buf[: min(step, b - i)])
+                for (key, X, _), buf in zip(sides, buffers, strict=True)
+            ]
+            self._add_chunk_(centred[0], centred[-1], grams)
+        self.n += b
 
-    def _add_chunk_(self, XA: torch.Tensor, XB: torch.Tensor | None) -> None:
-        """Add one chunk's sums around the current center (the subtraction upcasts to float64 exactly)."""
+    def _add_chunk_(self, XhA: torch.Tensor, XhB: torch.Tensor, grams: dict[str, list[Any]]) -> None:
+        """Add one centred chunk's sums (``XhB is XhA`` on one side; ``grams``: per side its (Gram, block) pairs)."""
         A, B = self.a, self._b()
-        XhA = XA - self.t["a.center"]
-        XhB = XhA if self.same or XB is None else XB - self.t["b.center"]
-        pairs = [("a", XhA, A)] if self.same else [("a", XhA, A), ("b", XhB, B)]
-        for key, Xh, lay in pairs:
+        for key, Xh in [("a", XhA)] if self.same else [("a", XhA), ("b", XhB)]:
             self.t[f"{key}.first"] += Xh.sum(0)
-            if not self.same:
-                for g, blk in zip(self.grams(key), lay.blocks(), strict=True):
-                    g.addmm_(Xh[:, blk].T, Xh[:, blk])
+            for g, blk in grams.get(key, ()):
+                g.addmm_(Xh[:, blk].T, Xh[:, blk])
         self.t["cross"].addmm_(XhA.T, XhB)
         if self.debiased:
             RA = _segsum(XhA * XhA, A, 1)
