@@ -137,8 +137,14 @@ def test_minibatch_map_of_float32_rows_is_within_3e_8_of_float64_rows():
 
     g = torch.Generator().manual_seed(4)
     base = torch.randn(256, 9000, generator=g)
-    acts = {"offset": torch.relu(base) + 1e4, "proj": base[:, :900] @ torch.randn(900, 8300, generator=g) / 30}
-    assert MIXED_MIN_FLOPS <= 128 * 128 * 8300
+    acts = {
+        "offset": torch.relu(base) + 1e4,
+        "proj": base[:, :900] @ torch.randn(900, 8300, generator=g) / 30,
+        "narrow": torch.relu(base[:, :1100]) * 3 - 1e3,  # b^2 d = 18M: float32 in a map, float64 one-shot
+    }
+    from repsim_plugin.streaming.minibatch import _mixed
+
+    assert all(_mixed(v[:128]) for v in acts.values()) and MIXED_MIN_FLOPS > 128 * 128 * 1100
     fast, full = MinibatchCKAMap(), MinibatchCKAMap()
     for i in range(0, 256, 128):
         fast.update({k: v[i : i + 128] for k, v in acts.items()})

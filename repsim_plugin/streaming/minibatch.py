@@ -23,7 +23,7 @@ from ..measures.kernels import (
     hsic_unbiased_table,
     resolve_kernel,
 )
-from ..measures.mixed import MIXED_MIN_FLOPS, deviation_gram64
+from ..measures.mixed import deviation_gram64
 from ._reductions import COUNT, SUM, SUM3
 from ._rows import (
     F64,
@@ -99,10 +99,17 @@ class _Kernel:
         )
 
 
+#: b^2 d from which a batch's float32 Gram (:func:`_linear_gram_mixed`) beats its float64 one. Lower than the
+#: one-shot measures' ``mixed.MIXED_MIN_FLOPS``: a map forms a Gram per layer and batch, so the float64 ones add up
+#: (W2's minibatch map: 64 of 2048- and 4096-feature layers). Best of 5, AVX2 host, float32 against float64 ms:
+#: b = 128, d = 1024: 0.49 / 0.64; b = 64, d = 4096: 0.52 / 2.2; b = 256, d = 256: 0.57 / 0.49 (2^24 each).
+MINIBATCH_MIXED_MIN_FLOPS = 2**24
+
+
 def _mixed(t: torch.Tensor) -> bool:
-    """Float32 / half rows of a batch large enough for float32 products to pay (see mixed.MIXED_MIN_FLOPS)."""
+    """Float32 / half rows of a batch large enough for float32 products to pay (``MINIBATCH_MIXED_MIN_FLOPS``)."""
     b, d = t.shape
-    return t.dtype in (torch.float32, torch.float16, torch.bfloat16) and b * b * d >= MIXED_MIN_FLOPS
+    return t.dtype in (torch.float32, torch.float16, torch.bfloat16) and b * b * d >= MINIBATCH_MIXED_MIN_FLOPS
 
 
 def _linear_gram_mixed(t: torch.Tensor) -> torch.Tensor:
