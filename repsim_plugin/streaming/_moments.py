@@ -259,13 +259,12 @@ class _Moments:
         chunk, so a long stream does not fragment the heap (W3's peak RSS stays flat to 1M rows).
         """
         two = not self.same
-        XB = XA if two and XB is None else XB
-        for key, ext in zip(["a", "b"] if two else ["a"], found, strict=True):
+        sides = [("a", XA, self.a)] + ([("b", XA if XB is None else XB, self._b())] if two else [])
+        for (key, _, _), ext in zip(sides, found, strict=True):
             torch.minimum(self.t[f"{key}.min"], ext[0], out=self.t[f"{key}.min"])
             torch.maximum(self.t[f"{key}.max"], ext[1], out=self.t[f"{key}.max"])
         b = XA.shape[0]
-        step = min(b, chunk_rows(XA.shape[1] + (XB.shape[1] if two and XB is not None else 0)))
-        sides = [("a", XA, self.a)] + ([("b", XB, self._b())] if two and XB is not None else [])
+        step = min(b, chunk_rows(sum(X.shape[1] for _, X, _ in sides)))
         buffers = [torch.empty(step, X.shape[1], dtype=F64, device=self.device) for _, X, _ in sides]
         grams = {key: list(zip(self.grams(key), lay.blocks(), strict=True)) for key, _, lay in sides} if two else {}
         for i in range(0, b, step):
