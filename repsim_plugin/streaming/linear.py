@@ -112,9 +112,9 @@ class LinearCKAMap(MapAccumulator):
         The state is O(sum d^2 + sum_pairs d_a d_b): per layer its Gram, per pair its cross moment, plus O(d)
         vectors (and O(L d) for the debiased third-order terms). With ``batch_size`` the estimate adds the
         transient per-update buffers: the batch's layers concatenated (at most 8 b D bytes), and one chunk of its
-        rows upcast and centered (:func:`~repsim_plugin.streaming._moments.chunk_rows` rows at most; with the
-        row norms and their products when debiased). ``merge`` and ``compute(sync='auto')`` under
-        ``torch.distributed`` briefly hold a second state.
+        rows upcast and centered (:func:`~repsim_plugin.streaming._moments.chunk_rows` rows at most; with their
+        norms when debiased); for a batch of at most one chunk, the same figure as the whole-batch upcast had.
+        ``merge`` and ``compute(sync='auto')`` under ``torch.distributed`` briefly hold a second state.
         """
         a = _Layout(tuple(str(i) for i in range(len(dims_a))), tuple(int(d) for d in dims_a))
         b = (
@@ -127,7 +127,7 @@ class LinearCKAMap(MapAccumulator):
             width = a.total + (0 if b is None else b.total)
             layers = a.n_layers + (0 if b is None else b.n_layers)
             rows = min(int(batch_size), chunk_rows(width))
-            state += 8 * int(batch_size) * width + 8 * rows * ((2 * width + layers) if debiased else width)
+            state += 8 * int(batch_size) * width + 8 * rows * (width + (layers if debiased else 0))
         return state
 
     @classmethod
