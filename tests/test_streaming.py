@@ -262,6 +262,33 @@ def test_recenter_identity_matches_brute_force(same):
             torch.testing.assert_close(m.t[key], value, rtol=1e-12, atol=1e-9, msg=key)
 
 
+@pytest.mark.parametrize("debiased", [False, True], ids=["biased", "debiased"])
+@pytest.mark.parametrize("same", [False, True], ids=["two_sides", "same"])
+def test_center_moves_only_when_a_mean_drifts_past_its_spread(debiased, same):
+    """iid batches keep the first batch's center; a batch that drags a mean past the spread moves it; exact both."""
+
+    def check(acts, batches):
+        other = {"z2": acts["z"][:, :5], "x": acts["x"]}
+        acc = LinearCKAMap(debiased, same=same)
+        for rows in batches:
+            acc.update({k: v[rows] for k, v in acts.items()}, None if same else {k: v[rows] for k, v in other.items()})
+        center = acc._m.t["a.center"].clone()
+        M = acc.compute()
+        for i, a in enumerate(acts.values()):
+            for j, b in enumerate((acts if same else other).values()):
+                assert float(M[i, j]) == pytest.approx(textbook(a, b, debiased), abs=TOL)
+        return center
+
+    acts = _layers(300, 13)
+    center = check(acts, [slice(i, i + 60) for i in range(0, 300, 60)])
+    first = torch.cat([v[:60].double() for v in acts.values()], 1).mean(0)
+    torch.testing.assert_close(center, first, rtol=0, atol=1e-9)  # iid batches: never moved
+    acts["x"] = torch.cat([acts["x"][:6], acts["x"][6:] + 300.0])  # after 6 rows the mean jumps by ~100 sigmas
+    center = check(acts, [slice(0, 6), slice(6, 300)])
+    jump = center[: acts["x"].shape[1]] - acts["x"][:6].double().mean(0)
+    assert bool((jump > 250).all()), "the center did not follow a mean that drifted past the spread"
+
+
 # --- layer maps -------------------------------------------------------------------------------------------------------
 
 
@@ -305,7 +332,7 @@ def test_rows_upcast_a_chunk_at_a_time_give_the_one_chunk_moments(monkeypatch, d
 
     def fill() -> LinearCKAMap:
         acc = LinearCKAMap(debiased, same=same)
-        for i in (0, 40):  # a second batch moves the center, so the chunks add around a non-zero one
+        for i in (0, 40):  # the second batch adds around the first batch's center, not around zero
             stop = 40 if i == 0 else 97
             acc.update(
                 {k: v[i:stop] for k, v in acts_a.items()},
