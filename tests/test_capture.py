@@ -522,6 +522,19 @@ def test_outputs_that_lose_the_batch_dimension_are_rejected() -> None:
 # ------------------------------------------------------------------------------------------------------------
 # hygiene: hooks, modes, grad, nesting
 # ------------------------------------------------------------------------------------------------------------
+def test_one_submodule_left_in_train_mode_is_captured_in_eval_and_restored() -> None:
+    """An eval model whose one submodule trains still runs every module in eval (the switch is skipped only when
+    every flag is already eval), and that one flag comes back."""
+    model = Shared()
+    model.eval()
+    model.block.train()
+    before = training_flags(model)
+    with capture(model, ["inp", "block"]):
+        assert not any(training_flags(model).values())
+        model(torch.rand(2, 3))
+    assert training_flags(model) == before and model.block.training and not model.training
+
+
 def test_an_exception_inside_forward_leaves_hooks_modes_and_grad_as_before() -> None:
     model = Shared()
     model.train()

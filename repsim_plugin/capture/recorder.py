@@ -161,7 +161,7 @@ class Recorder(ForwardHooks):
                 self._handles.append(module.register_forward_hook(self._layer_hook(name)))
             self._handles.append(top.register_forward_hook(self._post_hook))
             self._handles.append(top.register_forward_hook(self._cleanup_hook, always_call=True))
-            if self.eval_mode:
+            if self.eval_mode and not self._saved_training.all_eval:  # already in eval: nothing to switch
                 self.model.eval()
             torch.set_grad_enabled(self.grad)
         except BaseException:
