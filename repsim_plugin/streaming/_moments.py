@@ -312,8 +312,9 @@ class _Moments:
         if found is None:
             found = extremes(sides)
         if self.n == 0:
-            for key, X in zip(["a"] if self.same else ["a", "b"], sides, strict=True):
-                self.t[f"{key}.center"].copy_(X.sum(0, dtype=F64) / b)
+            self.t["a.center"].copy_(XA.sum(0, dtype=F64) / b)
+            if not self.same:
+                self.t["b.center"].copy_((XA if XB is None else XB).sum(0, dtype=F64) / b)
         self._add_rows_(XA, XB, found)
         if self._drifted():
             self._move_to(self.mean("a"), None if self.same else self.mean("b"))
