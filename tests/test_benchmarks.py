@@ -141,3 +141,15 @@ def test_device_performance_script_runs_every_step_on_small_sizes():
     for label in ("forward passes", "default (exact)", "minibatch", "spatial=mean"):
         assert f"W2 {label}: " in out
     assert re.search(r"ViT-B/16 12 x 12 block map, 4 images: forward \S+ s, compare \S+ s", out)
+
+
+def test_moments_update_benchmark_times_both_forms_on_small_sizes():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "moments_update.py"), "--quick", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["biased"] > 0 and out["debiased"] > 0 and out["package"].endswith("__init__.py")
