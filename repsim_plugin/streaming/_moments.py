@@ -140,11 +140,15 @@ class _Moments:
             off += d * d
         return out
 
+    def diagonal(self, side: str) -> torch.Tensor:
+        """Per feature of ``side``, the sum of squared deviations from the center (the comoments' diagonal)."""
+        if self.same:
+            return torch.diagonal(self.t["cross"])
+        return torch.cat([g.diagonal() for g in self.grams(side)])
+
     def traces(self, side: str) -> torch.Tensor:
         """Per-layer trace of the comoment (sum of squared deviations from the center)."""
-        if self.same:
-            return _segsum(torch.diagonal(self.t["cross"]), self.a, 0)
-        return torch.stack([g.diagonal().sum() for g in self.grams(side)])
+        return _segsum(self.diagonal(side), self.a if side == "a" else self._b(), 0)
 
     def mean(self, side: str) -> torch.Tensor:
         return self.t[f"{side}.center"] + self.t[f"{side}.first"] / self.n
@@ -328,14 +332,8 @@ class _Moments:
         feature (S = F = 0) never moves the center.
         """
         n = float(self.n)
-        for key in ["a"] if self.same else ["a", "b"]:
-            if self.same:
-                diagonal = torch.diagonal(self.t["cross"])
-            else:
-                diagonal = torch.cat([g.diagonal() for g in self.grams(key)])
-            if bool((2.0 * self.t[f"{key}.first"].square() > n * diagonal).any()):
-                return True
-        return False
+        keys = ["a"] if self.same else ["a", "b"]
+        return any(bool((2.0 * self.t[f"{k}.first"].square() > n * self.diagonal(k)).any()) for k in keys)
 
     def merge_(self, other: _Moments) -> None:
         """Add ``other``'s moments (same layout): both move to the merged mean, then their sums add."""
