@@ -153,3 +153,16 @@ def test_moments_update_benchmark_times_both_forms_on_small_sizes():
     )
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["biased"] > 0 and out["debiased"] > 0 and out["package"].endswith("__init__.py")
+
+
+def test_gram_threads_benchmark_times_both_schedules_with_the_same_bits():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gram_threads.py"), "--quick", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["same_bits"] is True
+    assert min(out["one_after_another_s"], out["side_by_side_s"], out["gemm_bound_s"]) > 0

@@ -295,7 +295,8 @@ def test_plan_counts_each_shared_side_once():
     n, widths = 1024, [16384, 8192]
     per_pair, side_maps = [(widths, widths)] * 6, [(widths, widths)] * 2
     rows, grams, deviations = n * sum(widths) * 4, 8 * len(widths) * n**2, 4 * n * max(widths)
-    shared_need = 4 * (rows + grams) + 2 * 2 * deviations  # each side once; one deviation buffer (x2) per two sides
+    # each side once; per two sides, a deviation buffer (x2) for each of the two workers that form the Grams
+    shared_need = 4 * (rows + grams) + 2 * 2 * 2 * deviations
     options = {"n_estimate": n, "batch_size": 128, "itemsize": 4, "memory_budget": parse_bytes("1.5GiB")}
     plan = choose_estimator(cka, per_pair, side_maps=side_maps, **options)
     assert plan.estimator == "sample_space" and plan.memory == shared_need < options["memory_budget"]
@@ -445,23 +446,25 @@ def test_compare_checkpoints_forms_each_sides_grams_once(cnns, batches, tmp_path
 
     models = _four_checkpoints(cnns, tmp_path)
     formed, alive_before = [], []
-    real = SampleSpaceCKAMap.grams
+    real = SampleSpaceCKAMap._form_grams
 
-    def counting(self, store, label, buffer=None):
+    def counting(self, stores):
         gc.collect()
-        alive_before.append(sum(ref() is not None for ref in formed))
-        K = real(self, store, label, buffer)
-        formed.append(weakref.ref(K))
-        return K
+        alive = sum(ref() is not None for ref in formed)
+        stacks = real(self, stores)
+        alive_before.extend([alive] * len(stacks))
+        formed.extend(weakref.ref(K) for K in stacks)
+        return stacks
 
-    monkeypatch.setattr(SampleSpaceCKAMap, "grams", counting)
+    monkeypatch.setattr(SampleSpaceCKAMap, "_form_grams", counting)
     layers = ["relu2", "fc1", "fc2"]
     options = {"layers": layers, "estimator": "sample_space", "progress": False, "reference": reference}
     maps = rp.compare_checkpoints(build_digits_cnn, [tmp_path / n for n in models], batches, **options)
     assert len(maps) == (6 if reference is None else 3)
     assert len(formed) == 4  # one (L, n, n) stack per checkpoint: 12 / 6 before they were shared
     # held until the last pair that names the side: against a reference, only the reference's outlives its pair
-    assert alive_before == ([0, 1, 2, 3] if reference is None else [0, 1, 1, 1])
+    # (the first pair forms both its sides in one call, with none alive before)
+    assert alive_before == ([0, 0, 2, 3] if reference is None else [0, 0, 1, 1])
     gc.collect()
     assert all(ref() is None for ref in formed)  # nothing held after the call
     formed.clear()

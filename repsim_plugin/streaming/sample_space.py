@@ -6,12 +6,13 @@ and forms the Grams at the end.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from .._utils.checks import Bool, check_params
+from .._utils.threads import WORKERS, split_threads
 from ..errors import DegenerateInputError, TooFewSamplesError
 from ..measures.kernels import center_gram_, hsic_unbiased_table
 from ..measures.mixed import MIXED_MIN_FLOPS, deviation_gram64, unbiased_gram_mixed_ok
@@ -85,11 +86,13 @@ class SampleSpaceCKAMap(MapAccumulator):
     def memory_bytes(n: int, dims_a: Sequence[int], dims_b: Sequence[int] | None = None, *, itemsize: int = 4) -> int:
         """Rows kept (``itemsize`` bytes each, 4 for float32) plus the float64 Grams formed at ``compute``.
 
-        The float32 deviation buffer is counted at 8 bytes an entry (8 n max(d)): its other half covers the
-        half-GEMM's largest float32 block ((n/2)^2 floats) whenever the widest layer has at least n / 4 features.
+        The float32 deviation buffers (one per worker of :func:`split_threads`, for the two widest layers) are
+        counted at 8 bytes an entry (8 n (d_1 + d_2)): their other half covers the half-GEMM's largest float32
+        block ((n/2)^2 floats) whenever the layer has at least n / 4 features.
         """
         dims = list(dims_a) + list(dims_b or [])
-        return int(n) * sum(dims) * int(itemsize) + 8 * len(dims) * int(n) ** 2 + 8 * int(n) * max(dims)
+        widest = sum(sorted(dims, reverse=True)[:WORKERS])
+        return int(n) * sum(dims) * int(itemsize) + 8 * len(dims) * int(n) ** 2 + 8 * int(n) * widest
 
     @classmethod
     def memory_needed(cls, maps: Maps, *, n: int | None, batch_size: int, itemsize: int, **options: Any) -> int | None:
@@ -179,13 +182,12 @@ class SampleSpaceCKAMap(MapAccumulator):
             for k, (store, _) in enumerate(stores)
         ]
         grams = [None if cache is None or key is None else cache.get(key) for key in keys]
-        missing = [store for (store, _), K in zip(stores, grams, strict=True) if K is None]
-        # one deviation buffer for the sides formed here: each fresh page faults in (up to 5 us here)
-        buffer = self._deviation_buffer(missing) if missing else None
+        missing = [(store, label) for (store, label), K in zip(stores, grams, strict=True) if K is None]
+        formed = iter(self._form_grams(missing))
         out = []
-        for (store, label), key, K in zip(stores, keys, grams, strict=True):
+        for key, K in zip(keys, grams, strict=True):
             if K is None:
-                K = self.grams(store, label, buffer)
+                K = next(formed)
                 if cache is not None and key is not None:
                     cache[key] = K
             out.append(K)
@@ -203,17 +205,7 @@ class SampleSpaceCKAMap(MapAccumulator):
         large = n * n * d >= MIXED_MIN_FLOPS and first.dtype != F64 and not self.full_float64
         return large and (not self.debiased or unbiased_gram_mixed_ok(n, d))
 
-    def _deviation_buffer(self, stores: Sequence[Rows]) -> torch.Tensor:
-        """One float32 buffer that holds the deviations of the widest mixed-precision layer of ``stores``."""
-        first = next(iter(stores[0].values()))
-        n = sum(int(b.shape[0]) for b in first)
-        widths = [
-            int(b[0].shape[1]) for store in stores for b, m in zip(store.values(), self._mixed(store), strict=True) if m
-        ]
-        widest = max(widths, default=0)
-        return torch.empty(n * widest, dtype=torch.float32, device=first[0].device)
-
-    def grams(self, store: Rows, label: Label, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    def grams(self, store: Rows, label: Label) -> torch.Tensor:
         """Stacked (L, n, n) float64 Grams of the centred rows of each layer (kept for permutations / bootstrap).
 
         Float32 rows of a large problem (n^2 d >= ``MIXED_MIN_FLOPS``; debiased, also n^2 >= 16 d: see
@@ -222,14 +214,30 @@ class SampleSpaceCKAMap(MapAccumulator):
         full GEMM); float64 rows and small problems are centred and multiplied in float64.
         The same rows give the same bits however they were batched, merged or gathered.
         """
-        n = sum(int(b.shape[0]) for b in next(iter(store.values())))
-        first = next(iter(store.values()))[0]
-        out = torch.empty((len(store), n, n), dtype=F64, device=first.device)
-        mixed = self._mixed(store)
-        if buffer is None:
-            buffer = self._deviation_buffer([store])  # one deviation buffer for all layers
-        for K, (name, batches), mix in zip(out, store.items(), mixed, strict=True):
-            self._gram(batches, label(name), K, buffer if mix else None)
+        return self._form_grams([(store, label)])[0]
+
+    def _form_grams(self, stores: Sequence[tuple[Rows, Label]]) -> list[torch.Tensor]:
+        """:meth:`grams` of each store, every layer of all of them one task of :func:`split_threads` (two layers
+        side by side, widest first), each worker with one float32 deviation buffer for its widest layer."""
+        if not stores:
+            return []
+        out, jobs = [], []
+        for store, label in stores:
+            n = sum(int(b.shape[0]) for b in next(iter(store.values())))
+            first = next(iter(store.values()))[0]
+            out.append(torch.empty((len(store), n, n), dtype=F64, device=first.device))
+            for K, (name, batches), mix in zip(out[-1], store.items(), self._mixed(store), strict=True):
+                jobs.append((int(batches[0].shape[1]) if mix else 0, n, batches, label(name), K))
+        jobs.sort(key=lambda job: -job[0])  # mixed layers widest first; float64 ones (width 0) need no buffer
+        device = jobs[0][2][0].device
+        # one buffer per worker, sized for its first (widest) layer: each fresh page faults in (up to 5 us here)
+        buffers = [torch.empty(job[0] * job[1], dtype=torch.float32, device=device) for job in jobs[:WORKERS]]
+
+        def task(index: int) -> Callable[[int], None]:
+            width, _, batches, name, K = jobs[index]
+            return lambda worker: self._gram(batches, name, K, buffers[worker] if width else None)
+
+        split_threads([task(i) for i in range(len(jobs))], device)
         return out
 
     def _gram(self, batches: list[torch.Tensor], name: str, out: torch.Tensor, buffer: torch.Tensor | None) -> None:
