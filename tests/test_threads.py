@@ -9,7 +9,7 @@ import pytest
 import torch
 from reference import cka_numpy
 
-from repsim_plugin._utils.threads import split_threads
+from repsim_plugin._utils.threads import split_threads, workers_for
 from repsim_plugin.errors import DegenerateInputError
 from repsim_plugin.measures.mixed import MIXED_MIN_FLOPS
 from repsim_plugin.streaming import SampleSpaceCKAMap
@@ -42,6 +42,7 @@ def test_two_workers_run_side_by_side_each_on_half_the_threads(threads):
 
         return run
 
+    assert workers_for(7, CPU) == 2 and workers_for(1, CPU) == 1 and workers_for(7, torch.device("meta")) == 1
     split_threads([task(i) for i in range(7)], CPU)
     assert sorted(index for index, _, _ in runs) == list(range(7))  # every task once
     assert {(index, worker) for index, worker, _ in runs if index < 2} == {(0, 0), (1, 1)}  # worker i starts on i
@@ -62,6 +63,7 @@ def test_a_worker_error_is_raised_and_the_thread_count_set_back(threads):
 
 def test_one_thread_runs_the_tasks_in_order_on_worker_0(threads):
     threads(1)
+    assert workers_for(4, CPU) == 1
     runs: list[tuple[int, int, int]] = []
     split_threads([lambda worker, i=i: runs.append((i, worker, threading.get_ident())) for i in range(4)], CPU)
     assert runs == [(i, 0, threading.get_ident()) for i in range(4)]

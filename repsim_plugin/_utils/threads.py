@@ -3,7 +3,7 @@
 The BLAS runs a large product near its peak on every core, but the small and tall-skinny blocks of a half Gram
 (:func:`~repsim_plugin.measures.mixed.symmetric_product64`) at 60-75% of it: the cores wait on each other at every
 block. Two layers' Grams formed side by side, each on half the threads, keep each core on its own stream of
-blocks. W2's 16 half-Grams (1024 rows, 2048-16384 features) took 0.85-0.88 s so against 1.05-1.09 s one after
+blocks. W2's 16 half-Grams (1024 rows, 2048-16384 features) took 0.85-0.88 s against 1.05-1.09 s one after
 another, with the same bits (2-core AVX2 EPYC, MKL; ``benchmarks/gram_threads.py``).
 
 torch's thread count is one setting for the process: it is lowered for the tasks and set back when they end or
@@ -21,6 +21,12 @@ import torch
 WORKERS = 2
 
 
+def workers_for(tasks: int, device: torch.device) -> int:
+    """How many workers :func:`split_threads` runs ``tasks`` tasks on: 2 on the CPU with 2+ tasks and 2+ intra-op
+    threads, else 1 (one thread runs them in order)."""
+    return WORKERS if device.type == "cpu" and tasks >= 2 and torch.get_num_threads() >= WORKERS else 1
+
+
 def split_threads(tasks: Sequence[Callable[[int], None]], device: torch.device) -> None:
     """Run ``tasks`` to the end, each called with its worker's index (0 or 1), on two threads side by side.
 
@@ -30,7 +36,7 @@ def split_threads(tasks: Sequence[Callable[[int], None]], device: torch.device) 
     work is on an accelerator. The first error is raised once both workers have stopped.
     """
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads < WORKERS or len(tasks) < 2:
+    if workers_for(len(tasks), device) == 1:
         for task in tasks:
             task(0)
         return

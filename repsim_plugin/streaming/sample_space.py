@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .._utils.checks import Bool, check_params
-from .._utils.threads import WORKERS, split_threads
+from .._utils.threads import WORKERS, split_threads, workers_for
 from ..errors import DegenerateInputError, TooFewSamplesError
 from ..measures.kernels import center_gram_, hsic_unbiased_table
 from ..measures.mixed import MIXED_MIN_FLOPS, deviation_gram64, unbiased_gram_mixed_ok
@@ -231,7 +231,8 @@ class SampleSpaceCKAMap(MapAccumulator):
         jobs.sort(key=lambda job: -job[0])  # mixed layers widest first; float64 ones (width 0) need no buffer
         device = jobs[0][2][0].device
         # one buffer per worker, sized for its first (widest) layer: each fresh page faults in (up to 5 us here)
-        buffers = [torch.empty(job[0] * job[1], dtype=torch.float32, device=device) for job in jobs[:WORKERS]]
+        workers = workers_for(len(jobs), device)
+        buffers = [torch.empty(job[0] * job[1], dtype=torch.float32, device=device) for job in jobs[:workers]]
 
         def task(index: int) -> Callable[[int], None]:
             width, _, batches, name, K = jobs[index]
