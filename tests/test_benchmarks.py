@@ -143,26 +143,24 @@ def test_device_performance_script_runs_every_step_on_small_sizes():
     assert re.search(r"ViT-B/16 12 x 12 block map, 4 images: forward \S+ s, compare \S+ s", out)
 
 
-def test_moments_update_benchmark_times_both_forms_on_small_sizes():
+def _quick_json(script: str) -> dict:
+    """Run ``benchmarks/<script>`` in its quick mode with one repeat; its last line of output, as JSON."""
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "moments_update.py"), "--quick", "--repeats", "1"],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--repeats", "1"],
         capture_output=True,
         text=True,
         check=True,
         cwd=ROOT,
     )
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_moments_update_benchmark_times_both_forms_on_small_sizes():
+    out = _quick_json("moments_update.py")
     assert out["biased"] > 0 and out["debiased"] > 0 and out["package"].endswith("__init__.py")
 
 
 def test_gram_threads_benchmark_times_both_schedules_with_the_same_bits():
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gram_threads.py"), "--quick", "--repeats", "1"],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=ROOT,
-    )
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = _quick_json("gram_threads.py")
     assert out["same_bits"] is True
     assert min(out["one_after_another_s"], out["side_by_side_s"], out["gemm_bound_s"]) > 0
