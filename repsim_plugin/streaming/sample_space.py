@@ -229,7 +229,7 @@ class SampleSpaceCKAMap(MapAccumulator):
             for K, (name, batches), mix in zip(out[-1], store.items(), self._mixed(store), strict=True):
                 jobs.append((int(batches[0].shape[1]) if mix else 0, n, batches, label(name), K))
         jobs.sort(key=lambda job: -job[0])  # mixed layers widest first; float64 ones (width 0) need no buffer
-        device = jobs[0][2][0].device
+        device = out[0].device
         # one buffer per worker, sized for its first (widest) layer (each fresh page faults in: about 1 us here)
         workers = workers_for(len(jobs), device)
         buffers = [torch.empty(job[0] * job[1], dtype=torch.float32, device=device) for job in jobs[:workers]]
