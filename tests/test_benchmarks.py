@@ -67,10 +67,18 @@ def test_w2_summary_pairs_rounds_and_judges_minibatch_against_pytorch_cka(worklo
     }
     calls: dict[str, int] = {}
 
+    same_process = {  # ours' time outside the forwards, and the GEMM bound timed in the same process
+        "statistics_seconds": [0.9, 1.0, 1.5],
+        "gemm_bound_same_process_seconds": [0.6, 0.8, 1.0],
+    }
+
     def child(workload, config, quick):
         assert workload == "W2" and quick is False
         k = calls[config] = calls.get(config, 0) + 1
-        return {"config": config, "seconds": seconds[config][k - 1], "first_call_seconds": 9.0, "peak_rss_mib": 1.0}
+        out = {"config": config, "seconds": seconds[config][k - 1], "first_call_seconds": 9.0, "peak_rss_mib": 1.0}
+        if config == workloads.W2_OURS:
+            out.update({key: values[k - 1] for key, values in same_process.items()})
+        return out
 
     result = workloads.w2(False, 3, list(seconds), run_child=child)
     assert calls == dict.fromkeys(seconds, 3)
@@ -85,10 +93,38 @@ def test_w2_summary_pairs_rounds_and_judges_minibatch_against_pytorch_cka(worklo
     assert result["exact_floor_seconds"] == pytest.approx(2.3 + 0.6)  # the forwards keeping rows + the products
     assert result["exact_floor_vs_pytorch_cka"] == pytest.approx(2.9 / 3.2)
     assert result["ours_default_vs_exact_floor"] == pytest.approx(3.4 / 2.9)
+    assert result["ours_default_statistics_vs_gemm_bound_by_round"] == pytest.approx([1.5, 1.25, 1.5])
+    assert result["ours_default_statistics_vs_gemm_bound_same_process"] == pytest.approx(1.5)
+    statistics_rows = {r["name"]: r["statistics_seconds"] for r in result["rows"]}
+    assert statistics_rows[workloads.W2_OURS] == pytest.approx(1.0)
+    assert statistics_rows["pytorch-cka"] is None
     text = workloads.markdown(result)
     assert "ours_default_vs_pytorch_cka_median_of_rounds: 1.1" in text
     assert "ours_minibatch_vs_pytorch_cka: 0.875" in text
     assert "exact_floor_vs_pytorch_cka: 0.906" in text
+    assert "ours_default_statistics_vs_gemm_bound_by_round: 1.5, 1.25, 1.5" in text
+
+
+def test_forward_clock_times_the_models_forwards_alone_and_removes_its_hooks(workloads):
+    """The W2 children's split of a call into the forwards and the rest, on a real small model."""
+    import time
+
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8))
+    x = torch.randn(512, 64)
+    clock = workloads._ForwardClock([model])
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(x)
+        time.sleep(0.05)  # work outside the forward: not counted
+        model(x)
+    total = time.perf_counter() - start
+    assert 0 < clock.seconds < total - 0.05
+    clock.seconds = 0.0
+    clock.remove()
+    model(x)
+    assert clock.seconds == 0.0 and not model._forward_hooks and not model._forward_pre_hooks
 
 
 def test_w5_summary_sets_one_pass_against_pytorch_cka_pair_by_pair(workloads):
